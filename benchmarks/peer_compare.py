@@ -1,0 +1,203 @@
+"""`dfq bench peer`: our pipeline against Genie (PEERS.md) on the CIFAR-10 ResNet-20, side by side.
+
+The three settings of PEERS.md, with the same layers at 8 bits (first conv W8 with float input, its
+output A8, last linear W8A8), the same calibration draw (ASSETS.md) and the same iteration budgets:
+
+1. W4A4, real calibration (1,024 images), 3,000 iterations per block;
+2. W4A4, data-free: our bn-distill generator at the peer's budget (256 images = 2 batches of 128,
+   400 iterations) through the engine into a pool, then 2,000 iterations per block from that pool;
+3. W2A4, real calibration, 2,000 iterations per block;
+
+plus round-to-nearest at W4A4 and W2A4. Rows go to accuracy.json; `peer_compare.md` puts them next
+to the PEERS.md figures (accuracy on the lossless slice and the JPEG set, wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import accuracy, report
+
+#: PEERS.md, measured on this machine kind: (lossless 1,017, JPEG 7,959, seconds)
+PEER = {
+    ("rtn", 4, "real"): (90.95, 78.04, 23),
+    ("genie-m", 4, "real"): (91.45, 80.29, 994),
+    ("genie-m", 4, "bn-distill"): (91.25, 80.05, 739),
+    ("rtn", 2, "real"): (23.99, 23.78, 19),
+    ("genie-m", 2, "real"): (89.77, 77.76, 758),
+}
+PEER_DISTILL_SECONDS = 624
+PEER_DISTILL_S_PER_ITER = 0.75
+SETTINGS = [  # (method, wbits, calib, iters)
+    ("rtn", 4, "real", 0),
+    ("genie-m", 4, "real", 3000),
+    ("genie-m", 4, "bn-distill", 2000),
+    ("rtn", 2, "real", 0),
+    ("genie-m", 2, "real", 2000),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--assets", default=None, help="ASSETS.md folder (default $DFQ_ASSETS or ../shared/assets)"
+    )
+    p.add_argument("--results", default="benchmarks/results")
+    p.add_argument(
+        "--settings", default="all", help="comma list of indices into the settings (0..4) or 'all'"
+    )
+    p.add_argument("--iters-scale", type=float, default=1.0, help="scale every iteration budget (tiny runs)")
+    p.add_argument("--distill-iters", type=int, default=400)
+    p.add_argument("--distill-images", type=int, default=256)
+    p.add_argument("--distill-batch", type=int, default=128)
+    p.add_argument("--distill-workers", type=int, default=2)
+    p.add_argument("--pool", default=None, help="reuse this bn-distill pool instead of distilling")
+    p.add_argument("--tiny", action="store_true", help="CI form: random model and images, a few iterations")
+
+
+def distill_pool(assets: Path, out: str, args: argparse.Namespace) -> tuple[str, float]:
+    """Run the engine's bn-distill generator for the ResNet-20 into `out`; (pool, wall seconds)."""
+    from engine.config import GenerateConfig
+    from engine.driver import generate
+    from launch.classifier import distill_context
+
+    ckpt = str(assets / accuracy.MODELS["cifar_resnet20"][0])
+    context, _ = distill_context("cifar_resnet20", ckpt, None)
+    cfg = GenerateConfig(
+        out=out, num_images=args.distill_images, shard_size=args.distill_batch, preset="bn-distill",
+        generator="bn-distill", model="cifar_resnet20", checkpoint=ckpt, vocab="cifar10", k=2,
+        steps=args.distill_iters, width=32, height=32, batch_size=args.distill_batch,
+        workers=args.distill_workers, device="cpu",
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    generate(cfg, context)
+    return out, time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> int:
+    from quant.data import build_transform, load_calibration
+    from quant.models import load_model
+    from quant.ptq import QuantConfig
+
+    if args.tiny:
+        return _run_tiny(args)
+    from benchmarks.splits import assets_dir
+
+    assets = assets_dir(args.assets or os.environ.get("DFQ_ASSETS") or "../shared/assets")
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = Path(args.results)
+    model, data_config = load_model(
+        "cifar_resnet20", checkpoint=str(assets / accuracy.MODELS["cifar_resnet20"][0])
+    )
+    transform = build_transform(data_config)
+    evals = accuracy.eval_sets("cifar10", assets, data_config, transform, ["lossless", "jpeg"])
+    fp = accuracy.fp_scores(model, evals)
+    rows = accuracy.fp_rows("cifar_resnet20", fp)
+    _, real = accuracy.calibration("real", "cifar10", assets, data_config, transform, 1024, 0)
+    chosen = range(len(SETTINGS)) if args.settings == "all" else [int(i) for i in args.settings.split(",")]
+    side: list[dict] = []
+    distill_seconds = None
+    for i in chosen:
+        method, wbits, calib_kind, iters = SETTINGS[i]
+        iters = int(round(iters * args.iters_scale))
+        extra = {}
+        if calib_kind == "real":
+            calib = real
+        else:
+            pool = args.pool
+            if pool is None:
+                pool, distill_seconds = distill_pool(assets, tempfile.mkdtemp(prefix="dfq-peer-pool-"), args)
+                extra["distill_seconds"] = round(distill_seconds, 1)
+                extra["distill_s_per_iter_per_batch"] = round(
+                    distill_seconds / args.distill_iters / max(1, args.distill_images // args.distill_batch),
+                    3,
+                )
+            calib = load_calibration(pool, transform, args.distill_images)
+        config = QuantConfig(wbits=wbits, abits=4, method=method, iters=iters)
+        seconds, scores, qmodel = accuracy.quantize_and_evaluate(model, calib, config, evals)
+        s_iter = sum(qmodel._dfq_meta["seconds_per_iter"].values()) if iters else 0.0
+        new = accuracy.rows_for(
+            "cifar_resnet20", fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
+            n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1), s_per_iter_all_units=round(s_iter, 4),
+            **extra,
+        )  # fmt: skip
+        rows += new
+        report.write_accuracy(results, rows)
+        peer = PEER[(method, wbits, calib_kind)]
+        by = {r["dataset"]: r["top1"] for r in new}
+        side.append(
+            {
+                "setting": f"W{wbits}A4 {method} {calib_kind}", "iters": iters, "n_calib": int(calib.shape[0]),
+                "ours_lossless": by.get("cifar10-lossless-1017"), "peer_lossless": peer[0],
+                "ours_jpeg": by.get("cifar10-jpeg-7959"), "peer_jpeg": peer[1],
+                "ours_seconds": round(seconds, 1), "peer_seconds": peer[2],
+                "time_ratio": round(seconds / peer[2], 3), "s_per_iter_all_units": round(s_iter, 4), **extra,
+            }
+        )  # fmt: skip
+        print(json.dumps(side[-1]))
+        _write_side(results, side, distill_seconds)
+    return 0
+
+
+def _write_side(results: Path, side: list[dict], distill_seconds: float | None) -> None:
+    lines = [
+        "# Side by side with Genie (PEERS.md), CIFAR-10 ResNet-20",
+        "",
+        f"Ours measured by `dfq bench peer` on {report.device_string()}, {report.today()}; "
+        "peer figures from PEERS.md (same machine kind, same split, same layers at 8 bits).",
+        "",
+        "| setting | iters/block | n_calib | ours lossless | Genie lossless | ours JPEG 7,959 | Genie JPEG | ours s | Genie s | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in side:
+        lines.append(
+            f"| {r['setting']} | {r['iters']} | {r['n_calib']} | {r['ours_lossless']:.2f} | {r['peer_lossless']:.2f} "
+            f"| {r['ours_jpeg']:.2f} | {r['peer_jpeg']:.2f} | {r['ours_seconds']:.0f} | {r['peer_seconds']} "
+            f"| {r['time_ratio']:.2f} |"
+        )
+    if distill_seconds is not None:
+        lines += [
+            "",
+            f"Distillation (bn-distill, 256 images as 2 x 128, 400 iterations, 2 CPU actors): {distill_seconds:.0f} s "
+            f"wall against Genie-D's {PEER_DISTILL_SECONDS} s.",
+        ]
+    (results / "peer_compare.md").write_text("\n".join(lines) + "\n")
+    (results / "peer_compare.json").write_text(
+        json.dumps({"device": report.device_string(), "date": report.today(), "rows": side}, indent=1) + "\n"
+    )
+
+
+def _run_tiny(args: argparse.Namespace) -> int:
+    """CI form: the same code path at a toy scale (random ResNet-20, 2 iterations), temp results."""
+    out = (
+        Path(args.results)
+        if args.results != "benchmarks/results"
+        else Path(tempfile.mkdtemp(prefix="dfq-peer-"))
+    )
+    ns = argparse.Namespace(**{**vars(args), "results": str(out)})
+    accuracy._run_tiny(ns)
+    side = [
+        {
+            "setting": "W4A4 genie-m noise (tiny)", "iters": 2, "n_calib": 16, "ours_lossless": 0.0,
+            "peer_lossless": PEER[("genie-m", 4, "real")][0], "ours_jpeg": 0.0, "peer_jpeg": PEER[("genie-m", 4, "real")][1],
+            "ours_seconds": 0.0, "peer_seconds": PEER[("genie-m", 4, "real")][2], "time_ratio": 0.0,
+        }
+    ]  # fmt: skip
+    _write_side(out, side, None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,418 @@
+"""BN-statistics distillation: calibration images from the classifier alone (generator "bn-distill").
+
+The Genie-D / ZeroQ recipe, written for the engine's contract (SHARDS.md): a batch of images is
+optimized so that the batch statistics at every BN input of the full-precision classifier match
+the running statistics it learned on real data, optionally pushing each image towards k target
+classes (k=2 with soft labels 0.5/0.5 is the analogue of mixup-class prompting). Two
+parameterizations: `method="generator"` optimizes per-sample latents and a tiny shared decoder
+(Genie-D; the default, Genie's ablation has it quantize better than pixels at equal iterations),
+`method="pixels"` optimizes the normalized pixels directly (ZeroQ / DeepInversion; cheaper per
+iteration).
+
+Determinism: sample i's class targets and initial latent/pixels are a pure function of
+(run_seed, i) (one `torch.Generator` per sample); the decoder's initial weights and the jitter
+offsets are a pure function of (run_seed, the batch's indices). BN statistics are batch
+statistics, so a batch is optimized jointly and a sample's final pixels depend on its batch
+mates: `generate(indices)` is reproducible for the same `indices` list (and batch_size) on the
+same machine, which is what the engine needs, since its work unit (a shard) is a fixed index
+range. On CUDA, cuDNN is held to deterministic kernels during the optimisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .bn_distill_loss import BNStatsMatcher, bn_layers, bn_stats_loss
+from .bn_distill_nets import LATENT_DIM, SwingJitter, build_latent_generator, draw_offsets, strided_convs
+from .errors import EngineError
+
+__all__ = ["BNDistillGenerator", "bn_stats_loss", "class_targets", "from_config", "sample_seed"]
+
+METHODS = ("generator", "pixels")
+DEFAULT_LR = {"generator": 0.1, "pixels": 0.1}  # latents (decoder: lr * DECODER_LR_RATIO) / pixels
+DECODER_LR_RATIO = 0.1  # Genie-D: latents 0.1, decoder 0.01
+FORMAT_VERSION = 1
+HISTORY_LEN = 64
+_KNOWN_VOCABS = {10: "cifar10", 100: "cifar100", 1000: "imagenet"}
+
+
+def _derive(run_seed: int, *parts: object) -> int:
+    """A 63-bit seed from the run seed and labels; stable across processes and Python versions."""
+    text = "/".join(["bn-distill", str(run_seed), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def sample_seed(run_seed: int, index: int) -> int:
+    """The seed of sample `index`'s own generator (its initial latent or pixels)."""
+    return _derive(run_seed, "sample", index)
+
+
+def class_targets(run_seed: int, index: int, k: int, num_classes: int) -> list[int]:
+    """The k distinct classes of sample `index` ("random" pairing), drawn from their own stream."""
+    if k == 0:
+        return []
+    gen = torch.Generator().manual_seed(_derive(run_seed, "classes", index))
+    return torch.randperm(num_classes, generator=gen)[:k].tolist()
+
+
+def _input_stats_term(x: torch.Tensor) -> torch.Tensor:
+    """Genie's input term: per-image channel mean 0 / std 1, the normalized range of real data."""
+    std, mean = torch.std_mean(x, dim=(2, 3))
+    return torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(std - 1.0)
+
+
+class BNDistillGenerator:
+    """Synthesizes calibration images by BN-statistics distillation of a classifier.
+
+    Args:
+        model_factory: builds the full-precision classifier (any nn.Module with BN layers); the
+            engine never imports `quant`, so the CLI injects this. Built once, on first use.
+        input_size: (C, H, W) of the classifier's input.
+        mean, std: the classifier's normalization; images are `x * std + mean`, clamped, 8 bit.
+        num_classes: logits of the classifier.
+        iters: optimisation steps per batch (>= 1).
+        lr: learning rate of the latents (decoder: lr / 10) or of the pixels; None = method default.
+        batch_size: images optimized jointly (BN statistics are batch statistics).
+        k: classes per sample: 0 = BN loss only, 1 = cross-entropy to one class, 2 = soft 0.5/0.5.
+        run_seed: the pool's seed.
+        method: "generator" (latents + tiny decoder, Genie-D) or "pixels" (ZeroQ-style).
+        device: where to optimize.
+        ce_weight: weight of the class loss relative to the BN loss.
+        model_spec: the classifier spec string recorded as the sample's `model`.
+        class_names: names for the class ids (default: the engine vocabulary if `vocab` names
+            one with `num_classes` entries, else the ids as strings).
+        vocab: recorded vocabulary name; default inferred from num_classes (cifar10, cifar100,
+            imagenet), else "file:none".
+        swing: jitter the input of strided convs per sample (Genie-D's swing convolution).
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], nn.Module],
+        input_size: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        iters: int = 400,
+        lr: float | None = None,
+        batch_size: int = 128,
+        k: int = 2,
+        run_seed: int = 0,
+        method: str = "generator",
+        device: str | torch.device = "cpu",
+        ce_weight: float = 0.1,
+        model_spec: str = "unknown",
+        class_names: Sequence[str] | None = None,
+        vocab: str | None = None,
+        swing: bool = True,
+    ) -> None:
+        _check_args(
+            input_size, mean, std, num_classes, iters, lr, batch_size, k, method, ce_weight, class_names
+        )
+        self.model_factory = model_factory
+        self.input_size = tuple(int(v) for v in input_size)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.num_classes = num_classes
+        self.iters = iters
+        self.method = method
+        self.lr = DEFAULT_LR[method] if lr is None else float(lr)
+        self.batch_size = batch_size
+        self.k = k
+        self.run_seed = run_seed
+        self.device = torch.device(device)
+        self.ce_weight = ce_weight
+        self.model_spec = model_spec
+        self.vocab = vocab or _KNOWN_VOCABS.get(num_classes, "file:none")
+        self.class_names = (
+            list(class_names) if class_names is not None else _default_names(self.vocab, num_classes)
+        )
+        self.swing = swing
+        # One entry per optimized batch (see `_record`), the latest HISTORY_LEN only: a warm actor
+        # distills for days and must not grow without bound.
+        self.history: deque[dict] = deque(maxlen=HISTORY_LEN)
+        self._model: nn.Module | None = None
+
+    # -- public -------------------------------------------------------------------------------
+
+    def generate(self, indices: list[int]) -> list[tuple[Image.Image, dict]]:
+        """One (RGB image, sample JSON) per index, in order; batches of `batch_size` in list order."""
+        out: list[tuple[Image.Image, dict]] = []
+        for start in range(0, len(indices), self.batch_size):
+            chunk = [int(i) for i in indices[start : start + self.batch_size]]
+            images = self._distill_batch(chunk)
+            out += [(img, self.sample_json(i)) for img, i in zip(images, chunk)]
+        return out
+
+    def sample_json(self, index: int) -> dict:
+        """The per-sample JSON of SHARDS.md; depends only on (run_seed, index) and the config."""
+        ids = class_targets(self.run_seed, index, self.k, self.num_classes)
+        names = [self.class_names[c] for c in ids]
+        c, h, w = self.input_size
+        return {
+            "format_version": FORMAT_VERSION,
+            "index": index,
+            "key": f"s{index:09d}",
+            "generator": "bn-distill",
+            "model": self.model_spec,
+            "prompt": "bn-distill: " + (" and ".join(names) if names else "unconditional"),
+            "negative_prompt": None,
+            "class_ids": ids,
+            "class_names": names,
+            "vocab": self.vocab,
+            "k": self.k,
+            "pairing": "random",
+            "seed": sample_seed(self.run_seed, index),
+            "run_seed": self.run_seed,
+            "scheduler": None,
+            "steps": self.iters,
+            "guidance": None,
+            "width": w,
+            "height": h,
+            "rejected": 0,
+        }
+
+    # -- the algorithm --------------------------------------------------------------------------
+
+    def _distill_batch(self, indices: list[int]) -> list[Image.Image]:
+        """Optimize one batch jointly; returns its 8-bit images and records the loss curve."""
+        tick = time.perf_counter()
+        model = self.model()
+        batch_seed = _derive(self.run_seed, "batch", ",".join(map(str, indices)))
+        params, make_x = self._parameterize(indices, batch_seed)
+        targets = self._soft_targets(indices)
+        opt = torch.optim.Adam(params)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iters, eta_min=0.0)
+        convs = strided_convs(model) if self.swing else []
+        offsets = draw_offsets(self.iters, len(convs), len(indices), batch_seed, self.device)
+        curve = torch.zeros(self.iters, device=self.device)  # filled on device: no per-step host sync
+        with _deterministic(self.device), BNStatsMatcher(model) as bn, SwingJitter(convs, offsets) as jitter:
+            for it in range(self.iters):
+                jitter.step(it)
+                bn.reset()
+                opt.zero_grad(set_to_none=True)
+                x = make_x()
+                logits = model(x)
+                bn_loss = bn.loss()
+                loss = bn_loss + _input_stats_term(x)
+                if targets is not None:
+                    loss = loss + self.ce_weight * F.cross_entropy(logits, targets)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if self.method == "pixels":
+                    self._clamp_pixels(params[0]["params"][0])
+                curve[it] = bn_loss.detach()
+        images = self._to_uint8(x.detach())
+        self._record(indices, curve, images, time.perf_counter() - tick)
+        return [Image.fromarray(a, "RGB") for a in images.permute(0, 2, 3, 1).cpu().numpy()]
+
+    def _parameterize(
+        self, indices: list[int], batch_seed: int
+    ) -> tuple[list[dict], Callable[[], torch.Tensor]]:
+        """The optimized tensors (as Adam param groups) and the map from them to a normalized batch."""
+        c, h, w = self.input_size
+        shape = (LATENT_DIM,) if self.method == "generator" else (c, h, w)
+        init = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(self.run_seed, i)))
+                for i in indices
+            ]
+        )
+        leaf = init.to(self.device).requires_grad_()
+        if self.method == "pixels":
+            return [{"params": [leaf], "lr": self.lr}], lambda: leaf
+        decoder = build_latent_generator(c, h, w, batch_seed).to(self.device).train()
+        groups = [
+            {"params": [leaf], "lr": self.lr},
+            {"params": list(decoder.parameters()), "lr": self.lr * DECODER_LR_RATIO},
+        ]
+        return groups, lambda: decoder(leaf)
+
+    def _soft_targets(self, indices: list[int]) -> torch.Tensor | None:
+        """(B, num_classes) class probabilities, 1/k on each target class; None for k=0."""
+        if self.k == 0:
+            return None
+        targets = torch.zeros(len(indices), self.num_classes)
+        for row, i in enumerate(indices):
+            targets[row, class_targets(self.run_seed, i, self.k, self.num_classes)] = 1.0 / self.k
+        return targets.to(self.device)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def model(self) -> nn.Module:
+        """The classifier, built once: eval mode (BN uses running stats), frozen, on the device.
+
+        Freezing matters for speed: backward then computes input gradients only.
+        """
+        if self._model is None:
+            model = self.model_factory().to(self.device).eval().requires_grad_(False)
+            if not bn_layers(model):
+                raise EngineError("bn-distill needs a classifier with batch-norm layers (running statistics)")
+            if self.k > 0:
+                with torch.no_grad():
+                    width = model(torch.zeros(2, *self.input_size, device=self.device)).shape[-1]
+                if width != self.num_classes:
+                    raise EngineError(f"classifier gives {width} logits, num_classes is {self.num_classes}")
+            self._model = model
+        return self._model
+
+    def _norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def _clamp_pixels(self, x: torch.Tensor) -> None:
+        """Keep optimized pixels inside the normalized image of [0, 1] (as DeepInversion does)."""
+        mean, std = self._norm()
+        x.copy_(torch.maximum(torch.minimum(x, (1 - mean) / std), -mean / std))
+
+    @torch.no_grad()
+    def _to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized batch -> (B, 3, H, W) uint8 RGB (grey inputs are repeated to 3 channels)."""
+        mean, std = self._norm()
+        img = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
+
+    @torch.no_grad()
+    def _record(self, indices: list[int], curve: torch.Tensor, images: torch.Tensor, seconds: float) -> None:
+        """Loss curve (one host transfer) and what the fp model thinks of the final 8-bit images."""
+        mean, std = self._norm()
+        x = images[:, : self.input_size[0]].float().div(255)
+        probs = self.model()((x - mean) / std).softmax(-1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        values = curve.cpu().tolist()
+        self.history.append(
+            {
+                "indices": (indices[0], indices[-1]),
+                "first": values[0],
+                "last": values[-1],
+                "curve": values,
+                "seconds": seconds,
+                "seconds_per_iter": seconds / self.iters,
+                "fp_confidence": probs.max(-1).values.mean().item(),
+                "fp_entropy": entropy.mean().item(),
+                "fp_pred": probs.argmax(-1).tolist(),
+            }
+        )
+
+
+def _default_names(vocab: str, num_classes: int) -> list[str]:
+    """Names from the engine's vocabulary file of that name, else the ids themselves.
+
+    A built-in vocabulary whose size differs from the classifier's is a mistake (e.g. the default
+    `imagenet` with a CIFAR-10 model) that would mislabel every sample: refuse it.
+    """
+    try:
+        text = resources.files("engine").joinpath("vocab", f"{vocab}.txt").read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        return [str(c) for c in range(num_classes)]
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise EngineError(f"vocab {vocab!r} has {len(names)} classes, the classifier has {num_classes}")
+    return names
+
+
+def _check_args(
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    iters: int,
+    lr: float | None,
+    batch_size: int,
+    k: int,
+    method: str,
+    ce_weight: float,
+    class_names: Sequence[str] | None,
+) -> None:
+    """Refuse a bad request before anything runs, with one line saying what is wrong."""
+    if method not in METHODS:
+        raise EngineError(f"unknown bn-distill method {method!r}; choose one of {', '.join(METHODS)}")
+    if len(input_size) != 3 or any(int(v) < 1 for v in input_size):
+        raise EngineError(f"input_size must be (C, H, W) of positive ints, got {tuple(input_size)}")
+    if len(mean) != input_size[0] or len(std) != input_size[0]:
+        raise EngineError(f"mean and std need {input_size[0]} values (one per channel)")
+    if any(not s > 0 for s in std):
+        raise EngineError(f"std must be positive, got {tuple(std)}")
+    if num_classes < 1:
+        raise EngineError(f"num_classes must be >= 1, got {num_classes}")
+    if iters < 1:
+        raise EngineError(f"iters must be >= 1, got {iters}")
+    if batch_size < 1:
+        raise EngineError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= k <= num_classes:
+        raise EngineError(f"k (classes per sample) must be in [0, {num_classes}], got {k}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise EngineError(f"lr must be a positive number, got {lr}")
+    if not (ce_weight >= 0 and math.isfinite(ce_weight)):
+        raise EngineError(f"ce_weight must be >= 0, got {ce_weight}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise EngineError(f"class_names has {len(class_names)} names, num_classes is {num_classes}")
+
+
+class _deterministic:
+    """On CUDA, cuDNN deterministic kernels for the duration (restored after); no-op elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            self._saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = self._saved
+
+
+def from_config(cfg: object, **context: object) -> BNDistillGenerator:
+    """The worker's generator entry point (`GENERATORS["bn-distill"] = "engine.bn_distill:from_config"`).
+
+    `cfg` is the run's GenerateConfig (read by attribute only, so this module does not depend on
+    its other fields); `context` comes from the CLI layer, which alone may import `quant`:
+    `model_factory`, `input_size`, `mean`, `std`, `num_classes` (required) and optionally
+    `class_names`, `method`, `lr`, `ce_weight`, `iters`, `distill_batch`, `swing`. Iterations default
+    to `cfg.steps`, the distillation batch to `cfg.batch_size`; `device="auto"` means CUDA if present.
+    """
+    context = {**dict(getattr(cfg, "generator_options", None) or {}), **context}
+    missing = [
+        key for key in ("model_factory", "input_size", "mean", "std", "num_classes") if key not in context
+    ]
+    if missing:
+        raise EngineError(f"bn-distill needs the classifier's {', '.join(missing)} from the CLI layer")
+    device = getattr(cfg, "device", "cpu") or "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = context.get("iters") or getattr(cfg, "steps", None) or 400
+    return BNDistillGenerator(
+        model_factory=context["model_factory"],  # type: ignore[arg-type]
+        input_size=context["input_size"],  # type: ignore[arg-type]
+        mean=context["mean"],  # type: ignore[arg-type]
+        std=context["std"],  # type: ignore[arg-type]
+        num_classes=int(context["num_classes"]),  # type: ignore[arg-type]
+        iters=int(steps),  # type: ignore[arg-type]
+        lr=context.get("lr"),  # type: ignore[arg-type]
+        batch_size=int(context.get("distill_batch") or getattr(cfg, "batch_size", 128)),  # type: ignore[arg-type]
+        k=int(getattr(cfg, "k", 2)),
+        run_seed=int(getattr(cfg, "seed", 0)),
+        method=str(context.get("method", "generator")),
+        device=device,
+        ce_weight=float(context.get("ce_weight", 0.1)),  # type: ignore[arg-type]
+        model_spec=str(getattr(cfg, "model", None) or "unknown"),
+        class_names=context.get("class_names"),  # type: ignore[arg-type]
+        vocab=getattr(cfg, "vocab", None),
+        swing=bool(context.get("swing", True)),
+    )

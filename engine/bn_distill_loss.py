@@ -1,0 +1,90 @@
+"""The batch-norm statistics objective of data-free distillation (ZeroQ, Genie-D).
+
+A trained BN layer remembers the mean and variance its inputs had over the training set
+(`running_mean`, `running_var`). Images whose batch statistics at every BN input match those
+running statistics look, to the network, like the training distribution: that is the whole
+signal a classifier-only generator has. Forward hooks collect the statistics during an ordinary
+forward pass, so any model with BN layers works without surgery.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BN layers that carry running statistics, in module order."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, _BN_TYPES) and m.track_running_stats and m.running_mean is not None
+    ]
+
+
+class BNStatsMatcher:
+    """Forward hooks that turn each BN input's batch statistics into one loss term.
+
+    Per layer: ||mu_batch - running_mean||_2 + ||sigma_batch - sqrt(running_var + eps)||_2, with
+    statistics over every dim but the channel one (unbiased variance, as BN's running_var is).
+    The unsquared norm (ZeroQ's choice) keeps the gradient scale of a layer independent of how far
+    off it is, so no single badly matched layer drowns the others.
+
+    Use as a context manager; after each forward, `loss()` is the sum over layers since `reset()`.
+    Targets are copied once at entry, so the hooks do no host work and no host syncs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = bn_layers(model)
+        self._terms: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __enter__(self) -> BNStatsMatcher:
+        for layer in self.layers:
+            mean = layer.running_mean.detach().clone()
+            std = torch.sqrt(layer.running_var.detach() + layer.eps)
+            self._targets[id(layer)] = (mean, std)
+            self._handles.append(layer.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._terms.clear()
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0]
+        dims = [d for d in range(x.dim()) if d != 1]
+        if x.numel() // x.shape[1] < 2:  # one value per channel: no variance to match
+            return
+        var, mean = torch.var_mean(x, dim=dims, correction=1)
+        target_mean, target_std = self._targets[id(module)]
+        std = torch.sqrt(var + module.eps)
+        self._terms.append(
+            torch.linalg.vector_norm(mean - target_mean) + torch.linalg.vector_norm(std - target_std)
+        )
+
+    def reset(self) -> None:
+        """Forget the terms of the previous forward (call before each one)."""
+        self._terms.clear()
+
+    def loss(self) -> torch.Tensor:
+        """Sum of the per-layer terms collected since `reset()`; raises if the model has no BN."""
+        if not self._terms:
+            raise ValueError("no batch-norm layer with running statistics saw an input")
+        return torch.stack(self._terms).sum()
+
+
+def bn_stats_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The BN-statistics loss of batch `x` under `model` (one forward pass, differentiable in `x`).
+
+    The model should be in eval mode, so the forward normalizes with (and does not update) the
+    running statistics we compare against.
+    """
+    with BNStatsMatcher(model) as matcher:
+        model(x)
+        return matcher.loss()

@@ -1,0 +1,1 @@
+"""`launch`: the `dfq` command line and the cluster launch configs. May import `engine` and `quant`."""

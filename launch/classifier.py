@@ -1,0 +1,41 @@
+"""The classifier side of the bn-distill generator, injected by the CLI.
+
+`engine` may not import `quant`, but the bn-distill generator needs the classifier that `quant`
+knows how to build. The CLI layer, which may import both, resolves the model spec here and hands the
+engine a picklable factory (it travels to Ray actors) plus the model's data config.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+VOCAB_BY_CLASSES = {10: "cifar10", 100: "cifar100", 1000: "imagenet"}
+
+
+def load_classifier(spec: str, checkpoint: str | None, num_classes: int | None) -> nn.Module:
+    """Build the classifier in eval mode (runs in each actor process)."""
+    from quant.models import load_model
+
+    model, _ = load_model(spec, checkpoint=checkpoint, num_classes=num_classes)
+    return model.eval()
+
+
+def distill_context(
+    spec: str, checkpoint: str | None, num_classes: int | None
+) -> tuple[dict[str, Any], dict]:
+    """(generator context, data config) for `spec`: loads the model once here, so a bad spec or
+    checkpoint is a one-line error before Ray starts."""
+    from quant.models import load_model
+
+    _, data_config = load_model(spec, checkpoint=checkpoint, num_classes=num_classes)
+    context = {
+        "model_factory": functools.partial(load_classifier, spec, checkpoint, num_classes),
+        "input_size": tuple(data_config["input_size"]),
+        "mean": tuple(data_config["mean"]),
+        "std": tuple(data_config["std"]),
+        "num_classes": int(data_config["num_classes"]),
+    }
+    return context, data_config

@@ -1,0 +1,173 @@
+"""`dfq quantize`: calibrate a model on a pool (or real images, or noise), evaluate it, save it.
+
+A thin layer over `quant`: load_model -> load_calibration -> quantize_model -> evaluate -> save.
+Everything that can be checked is checked before the first image is read (bits, method, paths,
+model spec), so a mistake costs a one-line error, not a half-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import time
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bit width must be an integer in 2..8, got {text!r}") from None
+    if not (2 <= value <= 8 or value == 32):
+        raise argparse.ArgumentTypeError(f"bit width must be in 2..8 (or 32 = float), got {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="calibrate a CNN/ViT on a pool or real images and evaluate it",
+        description="Quantize a model with block reconstruction (CNNs) or RepQ-ViT calibration (ViTs).",
+    )
+    p.add_argument("--model", required=True, help="zoo name, timm name, tv:<name> or module:factory")
+    p.add_argument("--checkpoint", help="state dict to load into the model")
+    p.add_argument("--num-classes", type=_positive_int)
+    p.add_argument(
+        "--calib",
+        required=True,
+        help="dfq pool dir/URL, ImageFolder dir, tar of images, .npz, or 'noise' (Gaussian)",
+    )
+    p.add_argument("--n-calib", type=_positive_int, default=1024, help="calibration images (default 1024)")
+    p.add_argument(
+        "--verify",
+        choices=["none", "size", "sha256"],
+        default="size",
+        help="check a pool's shards against its manifest first (default size; sha256 reads every byte)",
+    )
+    p.add_argument("--wbits", type=_bits, default=4)
+    p.add_argument("--abits", type=_bits, default=4)
+    p.add_argument(
+        "--first-last-bits", type=_bits, default=8, help="first conv / last linear bits (default 8)"
+    )
+    p.add_argument("--method", default="genie-m", choices=["rtn", "brecq", "adaround", "qdrop", "genie-m"])
+    p.add_argument("--iters", type=_nonneg_int, default=20000, help="reconstruction iterations per block")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=256)
+    p.add_argument("--out", required=True, help="output directory (quantized.pt, result.json)")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _check_source(source: str, what: str) -> None:
+    from quant.errors import QuantError
+
+    if source == "noise" or "://" in source:
+        return
+    if not Path(source).exists():
+        raise QuantError(f"{what} {source!r} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from quant.data import build_transform, load_calibration, noise_calibration, open_dataset, source_kind
+    from quant.errors import QuantError
+    from quant.evaluate import evaluate
+    from quant.models import load_model
+    from quant.ptq import QuantConfig, quantize_model, save_quantized
+    from quant.reader import shard_urls
+
+    config = QuantConfig(
+        wbits=args.wbits,
+        abits=args.abits,
+        method=args.method,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        first_last_bits=args.first_last_bits,
+        seed=args.seed,
+        device=args.device,
+    )
+    _check_source(args.calib, "calibration source")
+    if args.calib != "noise" and source_kind(args.calib) == "pool":
+        shard_urls(args.calib, verify=args.verify)  # a corrupt shard fails here, naming it
+    if args.eval:
+        _check_source(args.eval, "evaluation data")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantError(f"cannot create output directory {out}: {e.strerror}") from None
+
+    model, data_config = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    transform = build_transform(data_config)
+    progress = not args.no_progress
+
+    start = time.perf_counter()
+    if args.calib == "noise":
+        calib = noise_calibration(args.n_calib, data_config["input_size"], seed=args.seed)
+    else:
+        calib = load_calibration(args.calib, transform, args.n_calib, seed=args.seed)
+    qmodel = quantize_model(model, calib, config, progress=progress)
+    seconds = time.perf_counter() - start
+
+    result: dict = {
+        "model": args.model,
+        "checkpoint": args.checkpoint,
+        "calib": args.calib,
+        "n_calib": int(calib.shape[0]),
+        "wbits": args.wbits,
+        "abits": args.abits,
+        "first_last_bits": args.first_last_bits,
+        "method": args.method,
+        "iters": args.iters if args.method != "rtn" else 0,
+        "seconds": round(seconds, 2),
+        "device": args.device,
+        "date": _dt.date.today().isoformat(),
+    }
+    if args.eval:
+        data = open_dataset(args.eval, transform)
+        fp = evaluate(model, data, batch_size=args.eval_batch_size, device=args.device, progress=progress)
+        q = evaluate(qmodel, data, batch_size=args.eval_batch_size, device=args.device, progress=progress)
+        result.update(
+            eval=args.eval,
+            n_eval=q["n"],
+            fp_top1=fp["top1"],
+            fp_top5=fp["top5"],
+            top1=q["top1"],
+            top5=q["top5"],
+        )
+    spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
+    if hasattr(qmodel, "_dfq_meta"):
+        save_quantized(qmodel, config, out / "quantized.pt", spec)
+    else:  # transformer path: the fake-quant state dict with the config beside it
+        torch.save(
+            {"config": vars(config), "model_spec": spec, "state_dict": qmodel.state_dict()},
+            out / "quantized.pt",
+        )
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0

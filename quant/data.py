@@ -1,0 +1,252 @@
+"""Images in, model-ready tensors out: the preprocessing a data config asks for, and every image
+source the quantizer accepts (a dfq pool, an ImageFolder, a tar of class folders, an .npz).
+
+Every source yields (tensor, label) through the same `build_transform`, so a CIFAR image from an
+.npz and the same image from a JPEG tar go through identical arithmetic.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from . import reader
+from .errors import QuantError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_INTERP = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _size(input_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(input_size, int):
+        return input_size, input_size
+    return int(input_size[-2]), int(input_size[-1])
+
+
+class _ResizeIfNeeded:
+    """Small-input path (CIFAR, crop_pct 1): touch pixels only when the image is not already
+    the model's size, so lossless 32x32 images reach the model bit-exact."""
+
+    def __init__(self, size: tuple[int, int], interpolation: InterpolationMode) -> None:
+        self.size = size
+        self.resize = T.Compose([T.Resize(min(size), interpolation=interpolation), T.CenterCrop(size)])
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if (img.height, img.width) == self.size:
+            return img
+        return self.resize(img)
+
+    def __repr__(self) -> str:
+        return f"ResizeIfNeeded({self.size})"
+
+
+def build_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform of a model's data config (timm's eval recipe, written out).
+
+    Inputs of 224 px and up, or crop_pct < 1: resize the short side to int(size / crop_pct),
+    center crop, ToTensor, Normalize. Small inputs with crop_pct 1 (CIFAR): resize only if needed.
+    """
+    h, w = _size(data_config.get("input_size", (3, 224, 224)))
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    interp_name = data_config.get("interpolation") or "bilinear"
+    if interp_name not in _INTERP:
+        raise QuantError(f"unknown interpolation {interp_name!r}: use one of {', '.join(_INTERP)}")
+    interp = _INTERP[interp_name]
+    mean = tuple(data_config.get("mean") or IMAGENET_MEAN)
+    std = tuple(data_config.get("std") or IMAGENET_STD)
+    if min(h, w) >= 224 or crop_pct < 1.0:
+        scale = int(min(h, w) / crop_pct)
+        geometry: list[Any] = [T.Resize(scale, interpolation=interp), T.CenterCrop((h, w))]
+    else:
+        geometry = [_ResizeIfNeeded((h, w), interp)]
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _class_index(names: Sequence[str]) -> dict[str, int]:
+    """Sorted class names -> index; CIFAR-10's standard order when the names are exactly CIFAR-10's
+    (it happens to be alphabetical, but the rule is stated so a renamed class cannot shift labels)."""
+    if set(names) == set(CIFAR10_CLASSES):
+        return {c: i for i, c in enumerate(CIFAR10_CLASSES)}
+    return {c: i for i, c in enumerate(sorted(set(names)))}
+
+
+def _natural_key(name: str) -> tuple:
+    """'10.jpg' after '9.jpg': files in numeric order when their names are numbers."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+class TarImageDataset(Dataset):
+    """Images in a tar laid out `<anything>/<class>/<file>.<jpg|png|...>`, indexed once, decoded lazily.
+
+    The member table (offset, size) is read in one pass; items are read by seek, with one file
+    handle per process so DataLoader workers do not share a file position.
+    Order: by (class index, file name in natural order).
+    """
+
+    def __init__(self, path: str, transform: Callable | None = None) -> None:
+        self.path, self.transform = path, transform
+        rows = []
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                parts = m.name.split("/")
+                if m.isfile() and len(parts) >= 2 and m.name.lower().endswith(IMAGE_SUFFIXES):
+                    rows.append((parts[-2], parts[-1], m.offset_data, m.size, m.name))
+        if not rows:
+            raise QuantError(f"no images laid out <class>/<file> in tar {path}")
+        self.class_to_idx = _class_index([r[0] for r in rows])
+        self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
+        rows.sort(key=lambda r: (self.class_to_idx[r[0]], _natural_key(r[1])))
+        self.members = [(r[4], r[2], r[3]) for r in rows]  # (member name, offset, size)
+        self.targets = [self.class_to_idx[r[0]] for r in rows]
+        self._fh: Any = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fh": None, "_pid": -1}
+
+    def read_bytes(self, i: int) -> bytes:
+        if self._pid != os.getpid():
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()  # kept open: one handle per process
+        _, offset, size = self.members[i]
+        self._fh.seek(offset)
+        return self._fh.read(size)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        with Image.open(io.BytesIO(self.read_bytes(i))) as im:
+            img = im.convert("RGB")
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+class ArrayImageDataset(Dataset):
+    """uint8 images (N,3,H,W or N,H,W,3) with labels, each turned into a PIL image so it goes through
+    the same transform as a file would."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None) -> None:
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise QuantError(
+                f"images must be uint8 N x 3 x H x W or N x H x W x 3, got {images.dtype} {images.shape}"
+            )
+        if images.shape[1] == 3 and images.shape[-1] != 3:
+            images = images.transpose(0, 2, 3, 1)
+        if len(images) != len(labels):
+            raise QuantError(f"{len(images)} images but {len(labels)} labels")
+        self.images = np.ascontiguousarray(images)
+        self.targets = [int(v) for v in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[i], "RGB")
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def _load_npz(path: str, transform: Callable | None) -> ArrayImageDataset:
+    with np.load(path) as z:
+        if "images" not in z or "labels" not in z:
+            raise QuantError(f"{path} needs arrays 'images' and 'labels', has {', '.join(z.files)}")
+        return ArrayImageDataset(z["images"], z["labels"], transform)
+
+
+def _is_pool(source: str) -> bool:
+    if "://" in source:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(reader._manifest_path(source))
+        return fs.exists(path)
+    return source.endswith("manifest.json") or os.path.isfile(os.path.join(source, "manifest.json"))
+
+
+def source_kind(source: str) -> str:
+    """'pool', 'folder', 'tar' or 'npz': what `open_dataset` will read `source` as."""
+    source = str(source)
+    if _is_pool(source):
+        return "pool"
+    if "://" in source:
+        raise QuantError(f"no manifest.json at {source}: URLs must be dfq pools")
+    if not os.path.exists(source):
+        raise QuantError(f"data source {source} does not exist")
+    if os.path.isdir(source):
+        return "folder"
+    if source.endswith(".npz"):
+        return "npz"
+    if tarfile.is_tarfile(source):
+        return "tar"
+    raise QuantError(f"cannot read {source}: not a dfq pool, image folder, tar of images or .npz")
+
+
+def open_dataset(source: str, transform: Callable | None) -> Dataset:
+    """(tensor, label) items from `source`, its kind detected (see `source_kind`).
+
+    Pools give an IterableDataset in manifest order (label = `.cls`); the others are indexable.
+    """
+    kind = source_kind(source)
+    if kind == "pool":
+        return reader.calibration_dataset(source, transform or (lambda im: im))
+    if kind == "folder":
+        from torchvision.datasets import ImageFolder
+
+        try:
+            return ImageFolder(source, transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
+            raise QuantError(f"cannot read image folder {source}: {e}") from None
+    if kind == "npz":
+        return _load_npz(source, transform)
+    return TarImageDataset(source, transform)
+
+
+def load_calibration(source: str, transform: Callable, n: int, seed: int = 0) -> torch.Tensor:
+    """n calibration images from `source`, stacked, always the same ones for the same arguments.
+
+    Pools: the first n in manifest order (a pool is already a random draw). Other sources are
+    ordered by class, so they get a seeded draw `numpy.random.default_rng(seed).choice(len, n)`.
+    """
+    if n < 1:
+        raise QuantError(f"number of calibration images must be >= 1, got {n}")
+    if source_kind(source) == "pool":
+        images = [x for x, _ in reader.iter_calibration(source, transform, n)]
+        if len(images) < n:
+            raise QuantError(f"asked for {n} calibration images but {source} has only {len(images)}")
+        return torch.stack(images)
+    dataset = open_dataset(source, transform)
+    if len(dataset) < n:
+        raise QuantError(f"asked for {n} calibration images but {source} has only {len(dataset)}")
+    idx = np.random.default_rng(seed).choice(len(dataset), n, replace=False)
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def noise_calibration(n: int, input_size: int | Sequence[int], seed: int = 0) -> torch.Tensor:
+    """n standard-normal images in the normalised input space: the no-data baseline."""
+    h, w = _size(input_size)
+    c = 3 if isinstance(input_size, int) or len(input_size) < 3 else int(input_size[-3])
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g)

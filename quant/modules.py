@@ -1,0 +1,266 @@
+"""Fake-quantized building blocks: an activation quantizer and weight-quantized conv/linear layers.
+
+- `QuantAct`: per-tensor activation quantizer with a learnable step (LSQ). It calibrates its grid
+  from the first batch it sees while `observing`, and, while `drop_prob > 0` (QDrop, only during
+  reconstruction), keeps each element in float with that probability, so the block learns to be
+  robust to the quantization noise of the activations that surround it.
+- `QuantConv2d` / `QuantLinear`: the float layer plus a per-channel weight quantizer: nearest
+  rounding on an MSE-searched grid (`rtn`) until `start_adaround` attaches an `AdaRoundQuantizer`
+  (learned rounding, optionally with a learned step for Genie-M). An optional activation module
+  and output quantizer follow the layer (QDrop's "quantized layer": conv -> act -> quant).
+
+Every piece can be switched between float and quantized (`set_quant_state`), so one module tree
+serves as both the float teacher and the quantized student during calibration.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import AdaRoundQuantizer, UniformQuantizer, fake_quant
+
+# Elements kept when an activation grid is searched: an MSE search over a strided subsample is as
+# good as one over millions of values, and 20x cheaper.
+_CALIB_ELEMENTS = 1 << 18
+
+
+class _LsqQuant(torch.autograd.Function):
+    """Per-tensor LSQ fake-quant with an optional QDrop blend, in few fast elementwise passes.
+
+    Same values and gradients as `fake_quant` (+ `torch.where(keep_fp, x, xq)`), but about 10x
+    cheaper on CPU: no boolean tensors (CPU kernels for them are slow), scalar clamp bounds, the
+    float mask applied with `lerp`/`addcmul`. Reconstruction spends most of its elementwise time here.
+    `lo`/`hi` are the integer bounds minus the zero point (the grid is `scale * [lo, hi]`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, keep_fp, lo: float, hi: float):  # type: ignore[override]
+        c = (x * scale.reciprocal()).round_().clamp_(lo, hi)
+        out = c * scale
+        if keep_fp is not None:
+            out.lerp_(x, keep_fp)
+        ctx.save_for_backward(x, c, scale, keep_fp)
+        ctx.lo_hi = (lo, hi)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, c, scale, keep_fp = ctx.saved_tensors
+        lo_hi = ctx.lo_hi
+        t = x * scale.reciprocal()
+        # 1 where lo <= x / scale <= hi, 0 where clipped (LSQ's criterion), without boolean tensors.
+        inside = t.clamp(lo_hi[0], lo_hi[1]).sub_(t).abs_().sign_().neg_().add_(1.0)
+        term = torch.addcmul(c, t, inside, value=-1.0)  # LSQ: round(t) - t inside, the bound outside
+        if keep_fp is not None:
+            g_fp = grad * keep_fp
+            g_q = grad - g_fp
+            grad_x = torch.addcmul(g_fp, g_q, inside)
+        else:
+            g_q = grad
+            grad_x = grad * inside
+        grad_s = torch.dot(g_q.reshape(-1), term.reshape(-1)).reshape(scale.shape)
+        return grad_x, grad_s if ctx.needs_input_grad[1] else None, None, None, None
+
+
+def lsq_quant(
+    x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float, keep_fp: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`scale * clamp(round(x / scale), lo, hi)`, with `x` kept where `keep_fp` is 1 (QDrop)."""
+    return _LsqQuant.apply(x, scale, keep_fp, lo, hi)
+
+
+def keep_fp_mask(like: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A float 0/1 tensor shaped like `like`, 1 with probability `prob` (QDrop's dropped elements).
+
+    For the usual p = 0.5 one random 64-bit word gives 64 elements (8x less RNG work than `rand`).
+    """
+    n = like.numel()
+    if prob == 0.5:
+        words = torch.randint(
+            -(2**63), 2**63 - 1, ((n + 63) // 64,), generator=generator, device=like.device, dtype=torch.int64
+        )
+        shifts = torch.arange(8, dtype=torch.uint8, device=like.device)
+        bits = ((words.view(torch.uint8).unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].to(like.dtype)
+    else:
+        bits = (torch.rand(n, generator=generator, device=like.device) < prob).to(like.dtype)
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = like.shape  # same memory layout as `like`, so blending it stays vectorised
+        return bits.view(b, h, w, c).permute(0, 3, 1, 2)
+    return bits.view(like.shape)
+
+
+class QuantAct(nn.Module):
+    """Per-tensor activation fake-quantizer: asymmetric grid (zero point 0 after a ReLU), LSQ step.
+
+    `bits=32` makes it a pass-through that still marks where a tensor would be stored.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.quant = UniformQuantizer(
+            bits, signed=False, ch_axis=None, symmetric=False, init="mse", learn_scale=True
+        )
+        self.enabled = False  # float until calibrated and switched on
+        self.observing = False
+        self.drop_prob = 0.0
+        self.generator: torch.Generator | None = None
+        self._bounds: tuple[float, float] | None = None  # (qmin - zp, qmax - zp), read once
+
+    @property
+    def bits(self) -> int:
+        return self.quant.bits
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Search the clipping range (L2.4 error, as QDrop/Genie) on a subsample of `x`."""
+        flat = x.detach().flatten()
+        if flat.numel() > _CALIB_ELEMENTS:
+            flat = flat[:: flat.numel() // _CALIB_ELEMENTS]
+        self.quant.calibrate(flat)
+        self._bounds = None
+
+    def bounds(self) -> tuple[float, float]:
+        """Integer range relative to the zero point, cached (the zero point is fixed once calibrated)."""
+        if self._bounds is None:
+            zp = float(self.quant.zero_point)
+            self._bounds = (self.quant.qmin - zp, self.quant.qmax - zp)
+        return self._bounds
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._bounds = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.calibrate(x)
+        if not self.enabled or not self.quant.enabled:
+            return x
+        keep = keep_fp_mask(x, self.drop_prob, self.generator) if self.drop_prob > 0.0 else None
+        lo, hi = self.bounds()
+        return lsq_quant(x, self.quant.scale, lo, hi, keep)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class _WeightQuant:
+    """Mixin: per-channel weight quantization for a conv or linear layer (`self.weight`)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_quant(self, wbits: int, act: nn.Module | None) -> None:
+        self.wq = UniformQuantizer(wbits, signed=True, ch_axis=0, symmetric=False, init="mse")
+        self.ada: AdaRoundQuantizer | None = None
+        self.act = act
+        self.out_quant: QuantAct | None = None
+        self.quant_weight = False
+
+    @property
+    def wbits(self) -> int:
+        return self.wq.bits
+
+    def calibrate_weight(self) -> None:
+        """Initialise the weight grid (MSE search per output channel) if not done yet."""
+        if self.wq.enabled and not bool(self.wq.initialized):
+            self.wq.calibrate(self.weight)
+
+    def start_adaround(self, learn_scale: bool) -> AdaRoundQuantizer | None:
+        """Attach learned rounding (from the current grid); returns it, or None for float weights."""
+        if not self.wq.enabled:
+            return None
+        self.calibrate_weight()
+        self.ada = AdaRoundQuantizer(self.wq, self.weight.detach(), learn_scale=learn_scale)
+        return self.ada
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the quantized layer sees it (float weight when quantization is off)."""
+        if not self.quant_weight or not self.wq.enabled:
+            return self.weight
+        if self.ada is not None:
+            return self.ada()
+        self.calibrate_weight()
+        scale, zp = self.wq.shaped(self.weight)
+        return fake_quant(self.weight, scale, zp, self.wq.qmin, self.wq.qmax)
+
+    def _post(self, y: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            y = self.act(y)
+        if self.out_quant is not None:
+            y = self.out_quant(y)
+        return y
+
+
+class QuantConv2d(_WeightQuant, nn.Conv2d):
+    """`nn.Conv2d` with a fake-quantized weight, an optional activation and output quantizer."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wbits: int, act: nn.Module | None = None) -> QuantConv2d:
+        if type(conv).forward is not nn.Conv2d.forward:  # e.g. timm's Conv2dSame pads dynamically
+            raise TypeError(f"{type(conv).__name__} has its own forward; cannot wrap it as a plain conv")
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        new.load_state_dict(conv.state_dict())
+        new._init_quant(wbits, act)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._post(self._conv_forward(x, self.quantized_weight(), self.bias))
+
+
+class QuantLinear(_WeightQuant, nn.Linear):
+    """`nn.Linear` with a fake-quantized weight, an optional activation and output quantizer."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, wbits: int, act: nn.Module | None = None) -> QuantLinear:
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        new.load_state_dict(linear.state_dict())
+        new._init_quant(wbits, act)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._post(F.linear(x, self.quantized_weight(), self.bias))
+
+
+def quantize_layer(layer: nn.Module, wbits: int, act: nn.Module | None = None) -> QuantConv2d | QuantLinear:
+    """The quantized twin of a conv or linear layer (weights copied, float until switched on)."""
+    if isinstance(layer, nn.Conv2d):
+        return QuantConv2d.from_float(layer, wbits, act)
+    if isinstance(layer, nn.Linear):
+        return QuantLinear.from_float(layer, wbits, act)
+    raise TypeError(f"cannot quantize {type(layer).__name__}")
+
+
+def weight_layers(module: nn.Module) -> list[QuantConv2d | QuantLinear]:
+    return [m for m in module.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def act_quantizers(module: nn.Module) -> list[QuantAct]:
+    return [m for m in module.modules() if isinstance(m, QuantAct)]
+
+
+def set_quant_state(module: nn.Module, weights: bool, acts: bool) -> None:
+    """Switch every weight and activation quantizer under `module` on or off."""
+    for layer in weight_layers(module):
+        layer.quant_weight = weights
+    for q in act_quantizers(module):
+        q.enabled = acts

@@ -1,0 +1,165 @@
+"""Block reconstruction: learn one unit's rounding and steps so its output matches the float model.
+
+One function over one unit, as QDrop's `recon.py` and Genie's `reconstruct_block`:
+
+    loss = || unit_q(x) - y_fp ||^2 (summed over channels, mean over the rest)
+           + round_weight * sum_layers sum (1 - |2 h(alpha) - 1|^beta)     (after a 20% warm-up)
+
+- AdaRound: alpha (Adam, `lr_alpha`), beta annealed linearly 20 -> 2 after the warm-up.
+- LSQ: every activation step inside the unit (Adam, `lr_act`, cosine-annealed to 0).
+- Genie-M: the per-channel weight steps too (`lr_wscale`, cosine-annealed), the integer floor fixed.
+- QDrop: the unit's input is an elementwise mix of the quantized-prefix input and the float input,
+  and each activation quantizer in the unit keeps an element in float with `drop_prob`.
+
+Everything the loop needs is precomputed as tensors; minibatches are drawn by index from a seeded
+`torch.Generator`; nothing reads a value back to the host inside the loop (the loss history is kept
+on the device and returned at the end).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import act_quantizers, keep_fp_mask, weight_layers
+
+
+@dataclass
+class ReconSettings:
+    """Hyper-parameters of one unit's reconstruction (defaults: QDrop/Genie published values)."""
+
+    iters: int = 20000
+    batch_size: int = 32
+    lr_alpha: float = 1e-3
+    lr_act: float = 4e-5
+    lr_wscale: float = 1e-4
+    round_weight: float = 0.01
+    drop_prob: float = 0.5
+    learn_wscale: bool = True
+    warmup: float = 0.2
+    beta_range: tuple[float, float] = (20.0, 2.0)
+
+
+def rounding_beta(step: int, s: ReconSettings) -> float:
+    """AdaRound's temperature: constant during the warm-up, then linear from start to end."""
+    start_decay = s.warmup * s.iters
+    if step < start_decay:
+        return s.beta_range[0]
+    rel = (step - start_decay) / max(s.iters - start_decay, 1)
+    return s.beta_range[1] + (s.beta_range[0] - s.beta_range[1]) * max(0.0, 1.0 - rel)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1), averaged over batch and positions (QDrop's lp_loss)."""
+    return F.mse_loss(pred, target, reduction="sum") * (pred.shape[1] / pred.numel())
+
+
+def _to_nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
+    """4-D (N, C, H, W) tensors stored as contiguous (N, H, W, C); others unchanged."""
+    if t is None or t.dim() != 4:
+        return t
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of a tensor stored by `_to_nhwc`, as an NCHW (channels-last strided) view."""
+    rows = torch.index_select(t, 0, idx)
+    return rows.permute(0, 3, 1, 2) if rows.dim() == 4 else rows
+
+
+@dataclass
+class ReconResult:
+    """Per-iteration reconstruction loss (without the rounding term) and wall time per iteration."""
+
+    loss: list[float]
+    seconds_per_iter: float
+
+
+def reconstruct_unit(
+    unit: nn.Module,
+    x_q: torch.Tensor,
+    x_fp: torch.Tensor,
+    y_fp: torch.Tensor,
+    settings: ReconSettings,
+    generator: torch.Generator,
+    progress: bool = False,
+    desc: str = "",
+) -> ReconResult:
+    """Reconstruct `unit` (its quantizers already calibrated and switched on) in place.
+
+    `x_q`: the unit's inputs from the quantized prefix; `x_fp`/`y_fp`: its float inputs and outputs.
+    On return the weight rounding is hard (`alpha >= 0`) and dropping is off.
+    """
+    s = settings
+    layers = weight_layers(unit)
+    roundings = [ada for layer in layers if (ada := layer.start_adaround(s.learn_wscale)) is not None]
+    acts = [q for q in act_quantizers(unit) if q.enabled and q.quant.enabled]
+    drop = s.drop_prob > 0.0
+    for q in acts:
+        q.drop_prob = s.drop_prob
+        q.generator = generator
+
+    alphas = [r.alpha for r in roundings]
+    scale_groups = [{"params": [q.quant.scale for q in acts], "lr": s.lr_act}]
+    if s.learn_wscale:
+        scale_groups.append({"params": [r.scale for r in roundings], "lr": s.lr_wscale})
+    scale_groups = [g for g in scale_groups if g["params"]]
+    opt_alpha = torch.optim.Adam(alphas, lr=s.lr_alpha) if alphas else None
+    opt_scale = torch.optim.Adam(scale_groups) if scale_groups else None
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt_scale, T_max=s.iters, eta_min=0.0)
+        if opt_scale
+        else None
+    )
+    optimizers = [o for o in (opt_alpha, opt_scale) if o is not None]
+
+    # Channels-last storage: oneDNN's conv backward is ~2x faster on it on CPU. Minibatches are
+    # gathered along dim 0 of the NHWC tensors and viewed back as (channels-last) NCHW.
+    x_q, x_fp, y_fp = (_to_nhwc(t) for t in (x_q, x_fp if drop else None, y_fp))
+    n = x_q.shape[0]
+    bs = min(s.batch_size, n)
+    history = torch.zeros(s.iters, device=x_q.device)
+    warm = s.warmup * s.iters
+    steps = range(s.iters)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=desc or "reconstruct", leave=False, mininterval=1.0)
+    start = time.perf_counter()
+    for i in steps:
+        idx = torch.randint(0, n, (bs,), generator=generator, device=x_q.device)
+        inp = _gather(x_q, idx)
+        if drop:  # QDrop: each input element from the float model with probability drop_prob
+            inp = inp.lerp_(_gather(x_fp, idx), keep_fp_mask(inp, s.drop_prob, generator))
+        rec = reconstruction_loss(unit(inp), _gather(y_fp, idx))
+        loss = rec
+        if i >= warm and roundings:
+            beta = rounding_beta(i, s)
+            reg = sum(r.round_loss(beta) for r in roundings)
+            loss = rec + s.round_weight * reg
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        if sched is not None:
+            sched.step()
+            with torch.no_grad():  # a step must stay positive (QDrop clamps it the same way)
+                for group in scale_groups:
+                    for p in group["params"]:
+                        p.clamp_(min=1e-8)
+        history[i] = rec.detach()
+    elapsed = time.perf_counter() - start
+
+    for r in roundings:
+        r.soft = False
+        r.requires_grad_(False)
+    for q in acts:
+        q.drop_prob = 0.0
+        q.generator = None
+        q.quant.scale.requires_grad_(False)
+    return ReconResult(history.tolist(), elapsed / max(s.iters, 1))

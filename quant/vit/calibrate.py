@@ -1,0 +1,117 @@
+"""RepQ-ViT-style post-training quantization of a timm ViT / DeiT / Swin from one calibration batch.
+
+The steps, in order (`quantize_vit`):
+1. copy the model and swap its layers for fake-quantized ones (`convert.py`): per-channel weight
+   grids; per-tensor activation grids, except per-channel grids on the inputs of Linears fed by a
+   LayerNorm; a log grid on post-softmax attention (log-sqrt2, or a finer power-of-two base where
+   the bits allow);
+2. one forward pass over the calibration batch fits every activation grid in execution order, so
+   each grid sees the already-quantized outputs of the layers before it; per-tensor grids minimise
+   the error of the op they feed, per-channel ones their own error;
+3. scale re-parameterization (`reparam.py`): each per-channel post-LayerNorm grid is folded into
+   its LayerNorm and Linear, leaving per-tensor grids only, and those Linears' weight grids are
+   refitted to their new weights.
+
+Not here (yet): block reconstruction of ViT blocks with the CNN path's `reconstruct.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import QuantError
+from ..quantizers import check_bits
+from .convert import convert_to_quantized, norm_linear_pairs
+from .reparam import fold_input_scales
+
+
+@dataclass(frozen=True)
+class ViTQuantSettings:
+    """The settings this path reads from any config object (the CNN `QuantConfig` included)."""
+
+    wbits: int
+    abits: int
+    seed: int = 0
+    device: str = "cpu"
+    calib_size: int = 32
+    first_last_bits: int | None = 8
+    head_wbits: int | None = None
+    reparam: bool = True
+    fold_head: bool = True
+    log_sqrt2_only: bool = False
+
+    @classmethod
+    def from_config(cls, config: object, **overrides: object) -> ViTQuantSettings:
+        """Read attributes duck-typed, with defaults, and validate them."""
+        fields = {f: getattr(config, f) for f in cls.__dataclass_fields__ if hasattr(config, f)}
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        if "wbits" not in fields or "abits" not in fields:
+            raise QuantError("the quantization config needs `wbits` and `abits`")
+        s = cls(**fields)
+        check_bits(s.wbits, "wbits")
+        check_bits(s.abits, "abits")
+        if s.first_last_bits is not None:
+            check_bits(s.first_last_bits, "first_last_bits")
+        if s.head_wbits is not None:
+            check_bits(s.head_wbits, "head_wbits")
+        if isinstance(s.calib_size, bool) or not isinstance(s.calib_size, int) or s.calib_size < 1:
+            raise QuantError(f"calib_size must be a positive integer, got {s.calib_size!r}")
+        return s
+
+
+def _check_calib(calib: torch.Tensor) -> None:
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or calib.shape[0] == 0:
+        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise QuantError(f"calibration data must be a non-empty N x C x H x W image tensor, got {shape}")
+    if not calib.is_floating_point():
+        raise QuantError("calibration images must be preprocessed float tensors (the model's normalization)")
+
+
+@torch.no_grad()
+def quantize_vit(
+    model: nn.Module,
+    calib: torch.Tensor,
+    config: object,
+    reparam: bool | None = None,
+) -> nn.Module:
+    """A fake-quantized copy of a timm transformer, calibrated on (the first `calib_size` of) `calib`.
+
+    `config` needs `wbits` and `abits`; optional: `seed`, `device`, `calib_size` (32),
+    `first_last_bits` (8: patch-embedding weights and input; None: `wbits`/`abits` there too),
+    `head_wbits` (default `first_last_bits`, else `wbits`), `reparam` (True), `fold_head` (True:
+    the classifier input gets a folded per-channel grid too, exact since pooling commutes with it),
+    `log_sqrt2_only` (False: the post-softmax log grid may use a finer base than sqrt2 where the
+    bits allow; True: RepQ-ViT's log-sqrt2 everywhere). `reparam=False` returns the per-channel model before folding, which
+    computes the same function up to the refitted weight grids of the folded Linears.
+    The input model is left untouched; the copy's `calibration_seconds` attribute says how long
+    steps 1-3 took.
+    """
+    settings = ViTQuantSettings.from_config(config, reparam=reparam)
+    _check_calib(calib)
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    qmodel = copy.deepcopy(model).eval().to(device)
+    pairs = norm_linear_pairs(qmodel, include_head=settings.fold_head)
+    edge_w = settings.first_last_bits or settings.wbits
+    edge_a = settings.first_last_bits or settings.abits
+    convert_to_quantized(
+        qmodel,
+        settings.wbits,
+        settings.abits,
+        patch_bits=(edge_w, edge_a),
+        head_wbits=settings.head_wbits or edge_w,
+        per_channel_inputs=frozenset(linear for _, linear in pairs),
+        log_sqrt2_only=settings.log_sqrt2_only,
+    )
+    qmodel(calib[: settings.calib_size].to(device))
+    if settings.reparam:
+        for norm_name, linear_name in pairs:
+            fold_input_scales(qmodel.get_submodule(norm_name), qmodel.get_submodule(linear_name))
+    qmodel.calibration_seconds = time.perf_counter() - start
+    return qmodel

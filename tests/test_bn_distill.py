@@ -1,0 +1,185 @@
+"""BN-statistics distillation (engine/bn_distill.py) on a tiny BN CNN: the loss falls, the output
+honours SHARDS.md, reruns give identical bytes, and bad arguments are refused with one line."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from engine.bn_distill import BNDistillGenerator, bn_stats_loss, class_targets, sample_seed
+from engine.bn_distill_nets import _reflect_pad, shift_per_sample
+from engine.errors import EngineError
+
+SIZE = (3, 16, 16)
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
+NUM_CLASSES = 5
+SHARDS_FIELDS = {
+    "format_version", "index", "key", "generator", "model", "prompt", "negative_prompt", "class_ids",
+    "class_names", "vocab", "k", "pairing", "seed", "run_seed", "scheduler", "steps", "guidance",
+    "width", "height", "rejected",
+}  # fmt: skip
+
+
+def tiny_bn_cnn() -> nn.Module:
+    """Conv+BN+ReLU x3 (one strided, so the swing jitter is exercised) whose running statistics
+    come from train-mode forwards on smooth, channel-shifted noise: targets far from N(0, 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, NUM_CLASSES),
+        )  # fmt: skip
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # cumulative average: exact statistics of the data below
+        model.train()
+        with torch.no_grad():
+            for _ in range(4):
+                coarse = torch.randn(32, 3, 4, 4)
+                x = F.interpolate(coarse, size=SIZE[1:], mode="bilinear", align_corners=False)
+                model(x * 0.8 + torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1))
+    return model.eval()
+
+
+def make(**kw) -> BNDistillGenerator:
+    args = dict(input_size=SIZE, mean=MEAN, std=STD, num_classes=NUM_CLASSES, iters=30, batch_size=8, k=1,
+                run_seed=7, model_spec="module:tiny_bn_cnn", lr=0.05)  # fmt: skip
+    args.update(kw)
+    return BNDistillGenerator(tiny_bn_cnn, **args)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("method", ["generator", "pixels"])
+def test_loss_falls_and_output_is_complete(method: str) -> None:
+    gen = make(method=method, k=2)
+    out = gen.generate([3, 4, 5, 6, 7, 8])
+    (hist,) = gen.history
+    assert hist["last"] < 0.6 * hist["first"], hist["curve"]
+    assert len(out) == 6
+    for index, (img, meta) in zip([3, 4, 5, 6, 7, 8], out):
+        assert img.mode == "RGB" and img.size == (16, 16)
+        assert SHARDS_FIELDS <= meta.keys()
+        assert meta["index"] == index and meta["key"] == f"s{index:09d}"
+        assert meta["generator"] == "bn-distill" and meta["model"] == "module:tiny_bn_cnn"
+        assert meta["steps"] == 30 and (meta["width"], meta["height"]) == (16, 16)
+        assert meta["scheduler"] is None and meta["guidance"] is None and meta["negative_prompt"] is None
+        assert meta["k"] == 2 and meta["pairing"] == "random" and meta["rejected"] == 0
+        assert meta["seed"] == sample_seed(7, index) and meta["run_seed"] == 7 and meta["format_version"] == 1
+        ids = meta["class_ids"]
+        assert len(set(ids)) == 2 and all(0 <= c < NUM_CLASSES for c in ids)
+        assert meta["class_names"] == [str(c) for c in ids]
+        assert meta["prompt"] == f"bn-distill: {ids[0]} and {ids[1]}"
+
+
+def test_bn_stats_loss_matches_definition() -> None:
+    model = tiny_bn_cnn()
+    x = torch.randn(4, *SIZE)
+    bns = [m for m in model if isinstance(m, nn.BatchNorm2d)]
+    inputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0])) for m in bns]
+    model(x)
+    for h in handles:
+        h.remove()
+    want = sum(
+        (a.mean((0, 2, 3)) - m.running_mean).norm()
+        + (torch.sqrt(a.var((0, 2, 3)) + m.eps) - torch.sqrt(m.running_var + m.eps)).norm()
+        for a, m in zip(inputs, bns)
+    )
+    assert torch.allclose(bn_stats_loss(model, x), want, rtol=1e-5)
+
+
+def test_same_seed_same_bytes_and_other_seed_differs() -> None:
+    a = [png_bytes(img) for img, _ in make(iters=5).generate([0, 1, 2])]
+    b = [png_bytes(img) for img, _ in make(iters=5).generate([0, 1, 2])]
+    c = [png_bytes(img) for img, _ in make(iters=5, run_seed=8).generate([0, 1, 2])]
+    assert a == b
+    assert a != c
+
+
+def test_targets_are_pure_functions_of_run_seed_and_index() -> None:
+    gen = make()
+    assert gen.sample_json(11) == make(batch_size=3).sample_json(11)
+    assert class_targets(7, 11, 2, NUM_CLASSES) == class_targets(7, 11, 2, NUM_CLASSES)
+    pairs = {tuple(class_targets(7, i, 2, NUM_CLASSES)) for i in range(40)}
+    assert len(pairs) > 5 and all(len(set(p)) == 2 for p in pairs)
+    assert class_targets(7, 0, 0, NUM_CLASSES) == []
+
+
+def test_unconditional_and_vocab_names() -> None:
+    gen = BNDistillGenerator(tiny_bn_cnn, SIZE, MEAN, STD, NUM_CLASSES, iters=2, batch_size=4, k=0,
+                             class_names=list("abcde"), vocab="file:letters")  # fmt: skip
+    ((img, meta),) = gen.generate([9])
+    assert meta["class_ids"] == [] and meta["prompt"] == "bn-distill: unconditional"
+    assert meta["vocab"] == "file:letters"
+    one = make(k=1, class_names=list("abcde")).sample_json(2)
+    assert one["class_names"] == ["abcde"[one["class_ids"][0]]]
+
+
+def test_shift_per_sample_is_a_reflect_padded_crop() -> None:
+    x = torch.randn(3, 2, 5, 6)
+    padded = F.pad(x, [1] * 4, mode="reflect")
+    assert torch.equal(_reflect_pad(x, 1), padded)
+    offsets = torch.tensor([0, 4, 8])
+    y = shift_per_sample(x, offsets)
+    for b, o in enumerate(offsets.tolist()):
+        dy, dx = divmod(o, 3)
+        assert torch.equal(y[b], padded[b, :, dy : dy + 5, dx : dx + 6])
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(iters=0), "iters"),
+        (dict(k=-1), "k (classes"),
+        (dict(k=NUM_CLASSES + 1), "k (classes"),
+        (dict(method="diffusion"), "unknown bn-distill method"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=0.0), "lr"),
+        (dict(mean=(0.5,)), "mean and std"),
+        (dict(class_names=["a"]), "class_names"),
+    ],
+)
+def test_bad_args_raise_one_line(kw: dict, words: str) -> None:
+    with pytest.raises(EngineError) as info:
+        make(**kw)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_model_without_bn_or_wrong_width_is_refused() -> None:
+    no_bn = BNDistillGenerator(lambda: nn.Sequential(nn.Conv2d(3, 2, 1)), SIZE, MEAN, STD, 2, iters=1, k=0)
+    with pytest.raises(EngineError, match="batch-norm"):
+        no_bn.generate([0])
+    wrong = BNDistillGenerator(tiny_bn_cnn, SIZE, MEAN, STD, 7, iters=1, k=1)
+    with pytest.raises(EngineError, match="logits"):
+        wrong.generate([0])
+
+
+def test_from_config_builds_from_run_config_and_cli_context() -> None:
+    from types import SimpleNamespace
+
+    from engine.bn_distill import from_config
+
+    cfg = SimpleNamespace(
+        device="auto", steps=3, batch_size=4, k=2, seed=5, model="module:tiny", vocab="file:x"
+    )
+    context = dict(model_factory=tiny_bn_cnn, input_size=SIZE, mean=MEAN, std=STD, num_classes=NUM_CLASSES)
+    gen = from_config(cfg, **context, method="pixels")
+    assert (gen.iters, gen.batch_size, gen.k, gen.run_seed, gen.method) == (3, 4, 2, 5, "pixels")
+    ((img, meta),) = gen.generate([1])
+    assert meta["model"] == "module:tiny" and meta["steps"] == 3 and meta["vocab"] == "file:x"
+    with pytest.raises(EngineError, match="model_factory"):
+        from_config(cfg, input_size=SIZE, mean=MEAN, std=STD, num_classes=NUM_CLASSES)
+    with pytest.raises(EngineError, match="vocab 'imagenet' has 1000 classes"):
+        from_config(SimpleNamespace(vocab="imagenet"), **context)

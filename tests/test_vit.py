@@ -1,0 +1,288 @@
+"""The ViT path (quant.vit): tiny random timm ViT / DeiT / Swin models, CPU only.
+
+What must hold: W8A8 stays close to fp32; the re-parameterized (per-tensor) model computes what the
+per-channel model computes; W4A4 runs end to end; the explicit-matmul attention equals timm's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.errors import QuantError
+from quant.vit import (
+    LogQuantizer,
+    LogSqrt2Quantizer,
+    QuantLinear,
+    SearchedUniformQuantizer,
+    is_transformer,
+    quantize_vit,
+    set_quant_enabled,
+)
+from quant.vit.attention import QuantAttention, QuantWindowAttention
+from quant.vit.reparam import fold_input_scales
+
+MODELS = {
+    "vit": lambda: timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
+    ),
+    "deit": lambda: timm.create_model(
+        "deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
+    ),
+    "swin": lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=32,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        num_classes=10,
+    ),
+}
+
+
+def _make(name: str) -> nn.Module:
+    """A tiny model with non-trivial LayerNorm affines (a few outlier channels, like trained ViTs)."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.weight[:2] *= 6
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+            elif isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Calibration is many small ops; on a loaded 2-core box one thread is far faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(32, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).mean().item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_is_transformer(name: str) -> None:
+    assert is_transformer(MODELS[name]())
+    assert not is_transformer(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(10)))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_explicit_attention_equals_timm_in_float(name: str, data) -> None:
+    """With quantization off, the rewritten model (incl. Swin's bias and shift mask) is timm's."""
+    model = _make(name)
+    calib, x = data
+    q = quantize_vit(model, calib, SimpleNamespace(wbits=8, abits=8))
+    attn_types = {type(m) for m in q.modules()} & {QuantAttention, QuantWindowAttention}
+    assert attn_types == {QuantWindowAttention if name == "swin" else QuantAttention}
+    set_quant_enabled(q, False)
+    # re-parameterization changed the affines, not the float function
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_w8a8_close_to_fp32(name: str, data) -> None:
+    model = _make(name)
+    calib, x = data
+    q = quantize_vit(model, calib, SimpleNamespace(wbits=8, abits=8))
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert not torch.equal(ref, out)  # it did quantize
+    assert _cosine(out, ref) > 0.99
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reparameterized_equals_per_channel(name: str, data) -> None:
+    """Folding the per-channel post-LayerNorm grids leaves the quantized function unchanged.
+
+    Weights stay float here (the folded Linears' weight grids are refitted after folding, which
+    is the one intended difference); every activation is quantized at 4 bits.
+    """
+    model = _make(name)
+    calib, x = data
+    cfg = SimpleNamespace(wbits=32, abits=4, first_last_bits=32)
+    per_channel = quantize_vit(model, calib, cfg, reparam=False)
+    folded = quantize_vit(model, calib, cfg)
+
+    def act_axes(m: nn.Module) -> set:
+        return {q.ch_axis for q in m.modules() if isinstance(q, SearchedUniformQuantizer)}
+
+    assert act_axes(per_channel) == {None, -1}  # the test is not vacuous
+    assert act_axes(folded) == {None}  # deployable: per-tensor activations only
+    with torch.no_grad():
+        ref, out, fp = per_channel(x), folded(x), model(x)
+    assert (ref - fp).abs().max() > 1e-2 * fp.abs().max()  # 4-bit activations do change it
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_w4a4_end_to_end(name: str, data) -> None:
+    model = _make(name)
+    calib, x = data
+    q = quantize_vit(model, calib, SimpleNamespace(wbits=4, abits=4, seed=0, device="cpu"))
+    with torch.no_grad():
+        out, ref = q(x), model(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert _cosine(out, ref) > 0.5
+    assert q.calibration_seconds > 0
+    assert isinstance(model.get_classifier(), nn.Linear)  # the input model is untouched
+
+
+def test_config_object_of_the_cnn_path_is_accepted(data) -> None:
+    """`quant.ptq.QuantConfig`-like objects (extra fields, first_last_bits=None) work duck-typed."""
+
+    @dataclass
+    class OtherConfig:
+        wbits: int = 6
+        abits: int = 6
+        method: str = "genie-m"
+        iters: int = 10
+        first_last_bits: int | None = None
+        seed: int = 0
+        device: str = "cpu"
+
+    q = quantize_vit(_make("vit"), data[0], OtherConfig())
+    patch = q.patch_embed.proj
+    assert patch.weight_quantizer.bits == 6 and patch.input_quantizer.bits == 6
+    assert q.get_classifier().weight_quantizer.bits == 6
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SimpleNamespace(wbits=1, abits=8),
+        SimpleNamespace(wbits=8, abits=9),
+        SimpleNamespace(wbits=8, abits=8, first_last_bits=0),
+        SimpleNamespace(wbits=8, abits=8, calib_size=0),
+        SimpleNamespace(abits=8),
+    ],
+)
+def test_bad_config_is_a_quant_error(cfg, data) -> None:
+    with pytest.raises(QuantError):
+        quantize_vit(_make("vit"), data[0], cfg)
+
+
+def test_bad_calibration_is_a_quant_error() -> None:
+    with pytest.raises(QuantError):
+        quantize_vit(_make("vit"), torch.randn(0, 3, 32, 32), SimpleNamespace(wbits=8, abits=8))
+    with pytest.raises(QuantError):
+        quantize_vit(
+            _make("vit"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), SimpleNamespace(wbits=8, abits=8)
+        )
+
+
+def test_calib_size_limits_the_batch(data) -> None:
+    """Only the first `calib_size` images set the grids."""
+    calib = data[0]
+    cfg = SimpleNamespace(wbits=8, abits=8, calib_size=8)
+    a = quantize_vit(_make("vit"), calib, cfg)
+    b = quantize_vit(_make("vit"), torch.cat([calib[:8], 100 * calib[8:]]), cfg)
+    torch.testing.assert_close(a.state_dict(), b.state_dict())
+
+
+# -- the pieces --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_input_scales_is_exact(bias: bool) -> None:
+    """LayerNorm -> per-channel 4-bit grid -> Linear equals the folded per-tensor version."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(24)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24) * 3)
+        norm.bias.copy_(torch.randn(24))
+    linear = QuantLinear(nn.Linear(24, 12, bias=bias), wbits=32, abits=4, per_channel_input=True)
+    x = torch.randn(8, 5, 24)
+    with torch.no_grad():
+        ref = linear(norm(x))  # calibrates the per-channel input grid
+        assert linear.input_quantizer.scale.shape == (24,)
+        norm2, linear2 = copy.deepcopy(norm), copy.deepcopy(linear)
+        fold_input_scales(norm2, linear2)
+        assert linear2.input_quantizer.scale.dim() == 0
+        assert not torch.allclose(norm2.weight, norm.weight)
+        torch.testing.assert_close(linear2(norm2(x)), ref, rtol=1e-5, atol=1e-5)
+        x2 = 3 * torch.randn(8, 5, 24)  # also off the calibration data, clipping included
+        torch.testing.assert_close(linear2(norm2(x2)), linear(norm(x2)), rtol=1e-5, atol=1e-5)
+
+
+def test_log_sqrt2_quantizer_grid() -> None:
+    torch.manual_seed(0)
+    attn = torch.randn(4, 2, 16, 16).softmax(-1)
+    q = LogSqrt2Quantizer(bits=4)
+    assert q.octave_steps == (2,)
+    out = q(attn)
+    delta = q.delta
+    assert 0 < delta <= attn.max()
+    levels = delta * 2.0 ** (-torch.arange(16) / 2)
+    on_grid = (out[..., None] - levels).abs().min(-1).values < 1e-6 * delta
+    assert (on_grid | (out == 0)).all()
+    assert q(torch.zeros(3)).eq(0).all()  # exact zero
+    # values below the last level underflow to zero; large ones clip at delta
+    assert q(torch.tensor([delta * 2.0**-9, 2 * delta])).tolist() == pytest.approx([0.0, delta.item()])
+    # the log2 integer form reproduces the fake-quant values
+    shift, mantissa = q.integer_codes(attn)  # log2 form: a shift, and sqrt2 for odd codes
+    rebuilt = torch.where(
+        shift < 0, 0.0, delta * 2.0 ** (-shift.float()) * torch.where(mantissa == 1, 2**0.5, 1.0)
+    )
+    torch.testing.assert_close(rebuilt, out)
+    # relative error of a log grid is bounded where it does not underflow
+    kept = (out > 0) & (attn < delta)
+    assert ((out[kept] - attn[kept]).abs() / attn[kept]).max() < 0.2
+
+
+def test_searched_quantizer_beats_minmax_on_outliers() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 20, 8)
+    x[0, 0, 3] = 60.0  # one outlier in channel 3
+    per_tensor = SearchedUniformQuantizer(4)
+    per_tensor.calibrate(x)
+    err_search = (per_tensor(x) - x).pow(2).mean()
+    from quant.quantizers import UniformQuantizer
+
+    minmax = UniformQuantizer(4, init="minmax")
+    minmax.calibrate(x)
+    assert err_search < (minmax(x) - x).pow(2).mean()
+    per_channel = SearchedUniformQuantizer(4, ch_axis=-1)
+    per_channel.calibrate(x)
+    assert per_channel.scale.shape == (8,)
+    assert per_channel.scale[3] > per_channel.scale[torch.arange(8) != 3].max()
+    assert (per_channel(x) - x).pow(2).mean() < err_search
+
+
+def test_log_quantizer_picks_a_finer_base_when_bits_allow() -> None:
+    """At 8 bits log-sqrt2's 19% step wastes levels; the searched base is finer and more accurate."""
+    torch.manual_seed(0)
+    attn = (3 * torch.randn(4, 2, 16, 16)).softmax(-1)
+    fine, sqrt2 = LogQuantizer(bits=8), LogSqrt2Quantizer(bits=8)
+    fine.calibrate(attn)
+    sqrt2.calibrate(attn)
+    assert int(fine.steps_per_octave) > 2
+    assert (fine(attn) - attn).pow(2).mean() < (sqrt2(attn) - attn).pow(2).mean()
+    shift, mantissa = fine.integer_codes(attn)
+    m = int(fine.steps_per_octave)
+    rebuilt = torch.where(shift < 0, 0.0, fine.delta * 2.0 ** (-shift.float() + mantissa.float() / m))
+    torch.testing.assert_close(rebuilt, fine(attn))
+    assert LogQuantizer(bits=4).octave_steps == (2,)  # 4 bits: only log-sqrt2 spans 8 octaves

@@ -7,7 +7,7 @@ import json
 import os
 import tarfile
 
-from launch.cmd_generate import nonnegative_int, positive_int
+from launch.argtypes import nonnegative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,35 +13,7 @@ import json
 import time
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _bits(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bit width must be an integer in 2..8, got {text!r}") from None
-    if not (2 <= value <= 8 or value == 32):
-        raise argparse.ArgumentTypeError(f"bit width must be in 2..8 (or 32 = float), got {value}")
-    return value
+from launch.argtypes import bits, nonnegative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,31 +24,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="zoo name, timm name, tv:<name> or module:factory")
     p.add_argument("--checkpoint", help="state dict to load into the model")
-    p.add_argument("--num-classes", type=_positive_int)
+    p.add_argument("--num-classes", type=positive_int)
     p.add_argument(
         "--calib",
         required=True,
         help="dfq pool dir/URL, ImageFolder dir, tar of images, .npz, or 'noise' (Gaussian)",
     )
-    p.add_argument("--n-calib", type=_positive_int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--n-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument(
         "--verify",
         choices=["none", "size", "sha256"],
         default="size",
         help="check a pool's shards against its manifest first (default size; sha256 reads every byte)",
     )
-    p.add_argument("--wbits", type=_bits, default=4)
-    p.add_argument("--abits", type=_bits, default=4)
+    p.add_argument("--wbits", type=bits, default=4)
+    p.add_argument("--abits", type=bits, default=4)
     p.add_argument(
-        "--first-last-bits", type=_bits, default=8, help="first conv / last linear bits (default 8)"
+        "--first-last-bits", type=bits, default=8, help="first conv / last linear bits (default 8)"
     )
     p.add_argument("--method", default="genie-m", choices=["rtn", "brecq", "adaround", "qdrop", "genie-m"])
-    p.add_argument("--iters", type=_nonneg_int, default=20000, help="reconstruction iterations per block")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--iters", type=nonnegative_int, default=20000, help="reconstruction iterations per block")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=256)
+    p.add_argument("--eval-batch-size", type=positive_int, default=256)
     p.add_argument("--out", required=True, help="output directory (quantized.pt, result.json)")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -42,7 +42,10 @@ class QuantConfig:
     batch_size: int = 32
     first_last_bits: int | None = 8
     drop_prob: float = 0.5
-    round_weight: float = 0.01
+    #: AdaRound regulariser weight; None = the method's published value (Genie-M 1.0, QDrop/BRECQ 0.01).
+    #: Genie's 1.0 drives the rounding to hard decisions within its short budgets (2-3k iterations);
+    #: QDrop's 0.01 assumes 20k and leaves a soft-to-hard gap when cut short.
+    round_weight: float | None = None
     lr_alpha: float = 1e-3
     lr_act: float = 4e-5
     lr_wscale: float = 1e-4
@@ -50,6 +53,8 @@ class QuantConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.round_weight is None:
+            self.round_weight = 1.0 if self.method == "genie-m" else 0.01
         self.validate()
 
     def validate(self) -> None:

@@ -170,7 +170,9 @@ class UniformQuantizer(nn.Module):
         flat = x.movedim(self.ch_axis, 0).flatten(1)
         return torch.quantile(flat, 1 - q, dim=1), torch.quantile(flat, q, dim=1)
 
-    def _mse_search(self, x: torch.Tensor, steps: int = 80, p: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mse_search(
+        self, x: torch.Tensor, steps: int = 80, p: float = 2.4
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrink the min/max range in `steps` ratios and keep, per channel, the one with least L_p error."""
         dims = _reduce_dims(x, self.ch_axis)
         lo0, hi0 = x.amin(dim=dims), x.amax(dim=dims)
@@ -206,7 +208,9 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         ch = "per-tensor" if self.ch_axis is None else f"per-channel(axis={self.ch_axis})"
-        return f"bits={self.bits}, signed={self.signed}, {ch}, init={self.init}, learn_scale={self.learn_scale}"
+        return (
+            f"bits={self.bits}, signed={self.signed}, {ch}, init={self.init}, learn_scale={self.learn_scale}"
+        )
 
 
 class AdaRoundQuantizer(nn.Module):
@@ -258,4 +262,6 @@ class AdaRoundQuantizer(nn.Module):
     def integer_weight(self) -> torch.Tensor:
         """The final integer weight (hard rounding), for export."""
         with torch.no_grad():
-            return torch.clamp(self.w_floor + (self.alpha >= 0).float() + self.zero_point, self.qmin, self.qmax)
+            return torch.clamp(
+                self.w_floor + (self.alpha >= 0).float() + self.zero_point, self.qmin, self.qmax
+            )

@@ -120,16 +120,37 @@ def reconstruct_unit(
     # Channels-last storage: oneDNN's conv backward is ~2x faster on it on CPU. Minibatches are
     # gathered along dim 0 of the NHWC tensors and viewed back as (channels-last) NCHW.
     x_q, x_fp, y_fp = (_to_nhwc(t) for t in (x_q, x_fp if drop else None, y_fp))
-    n = x_q.shape[0]
-    bs = min(s.batch_size, n)
     history = torch.zeros(s.iters, device=x_q.device)
-    warm = s.warmup * s.iters
     steps = range(s.iters)
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=desc or "reconstruct", leave=False, mininterval=1.0)
     start = time.perf_counter()
+    with torch.enable_grad():  # callers may hold no_grad (evaluation code): training needs autograd
+        _train(
+            unit, steps, x_q, x_fp, y_fp, s, generator, roundings, optimizers, sched, scale_groups, history
+        )
+    elapsed = time.perf_counter() - start
+
+    for r in roundings:
+        r.soft = False
+        r.requires_grad_(False)
+    for q in acts:
+        q.drop_prob = 0.0
+        q.generator = None
+        q.quant.scale.requires_grad_(False)
+    return ReconResult(history.tolist(), elapsed / max(s.iters, 1))
+
+
+def _train(
+    unit, steps, x_q, x_fp, y_fp, s, generator, roundings, optimizers, sched, scale_groups, history
+) -> None:
+    """The optimisation loop of `reconstruct_unit` (no host reads inside)."""
+    n = x_q.shape[0]
+    bs = min(s.batch_size, n)
+    drop = s.drop_prob > 0.0
+    warm = s.warmup * s.iters
     for i in steps:
         idx = torch.randint(0, n, (bs,), generator=generator, device=x_q.device)
         inp = _gather(x_q, idx)
@@ -153,13 +174,3 @@ def reconstruct_unit(
                     for p in group["params"]:
                         p.clamp_(min=1e-8)
         history[i] = rec.detach()
-    elapsed = time.perf_counter() - start
-
-    for r in roundings:
-        r.soft = False
-        r.requires_grad_(False)
-    for q in acts:
-        q.drop_prob = 0.0
-        q.generator = None
-        q.quant.scale.requires_grad_(False)
-    return ReconResult(history.tolist(), elapsed / max(s.iters, 1))

@@ -153,7 +153,7 @@ def test_worker_killed_from_outside_mid_shard_is_replaced(ray_local, reference, 
             return None
 
         try:
-            path, pid = wait_for(writing, 120, "a worker writing a temp shard", step=0.002)
+            path, pid = wait_for(writing, 600, "a worker writing a temp shard", step=0.002)
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, tmp=path, mid_shard=os.path.exists(path))
         except Exception as exc:  # reported by the main thread

@@ -1,0 +1,56 @@
+"""benchmarks.vit_compare: the tiny CI form writes well-formed accuracy.json rows and the side-by-side files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import report, vit_compare
+
+
+def test_tiny_form_writes_rows_and_side_by_side(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert vit_compare.main(["--tiny", "--threads", "1", "--results", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    rows = json.loads((tmp_path / "accuracy.json").read_text())
+    assert len(rows) == 2  # fp32 + one bit setting x one draw x one eval set
+    for row in rows:
+        missing = [f for f in report.ROW_FIELDS if f not in row]
+        assert not missing, missing
+        assert row["model"] == "cifar10_vit-random"
+        assert row["calib"] in report.CALIB_SOURCES and row["method"] in report.METHODS
+        assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
+        assert row["n_eval"] == 64
+    fp = next(r for r in rows if r["method"] == "fp32")
+    q = next(r for r in rows if r["method"] == "repq-vit")
+    assert (fp["wbits"], fp["abits"], fp["n_calib"]) == (32, 32, 0)
+    assert (q["wbits"], q["abits"], q["n_calib"], q["iters"], q["draw"]) == (4, 4, 32, 0, 0)
+    assert q["fp_top1"] == fp["top1"] and q["seconds"] >= 0
+
+    md = (tmp_path / "vit_compare.md").read_text()
+    assert "RepQ-ViT" in md and "| W4A4 |" in md and "not implemented yet" in md
+    side = json.loads((tmp_path / "vit_compare.json").read_text())
+    assert side["rows"] == rows and side["device"] and side["date"]
+    assert side["summary"]["top1"]["W4A4"]["random-64"]["n"] == 1
+
+
+def test_summary_over_draws_and_peer_columns():
+    base = dict(model="cifar10_vit", calib="real", method="repq-vit", n_calib=32, iters=0, n_eval=1017)
+    rows = [
+        report.make_row(**base, dataset=vit_compare.LOSSLESS, wbits=4, abits=4, top1=t, top5=99.0,
+                        fp_top1=71.88, seconds=s, draw=k)
+        for k, (t, s) in enumerate([(69.0, 1.0), (70.0, 2.0), (71.0, 3.0)])
+    ]  # fmt: skip
+    s = vit_compare.summarise(rows, "cifar10_vit")
+    assert s["top1"]["W4A4"][vit_compare.LOSSLESS] == {
+        "mean": 70.0, "min": 69.0, "max": 71.0, "n": 3, "draws": [0, 1, 2],
+        "by_draw": {0: 69.0, 1: 70.0, 2: 71.0},
+    }  # fmt: skip
+    assert s["seconds"]["W4A4"]["mean"] == 2.0
+    md = vit_compare.compare_markdown(rows, "cifar10_vit")
+    assert "70.00 (69.00-71.00) | 69.71 | +0.29" in md
+    assert "| W4A4 | 69.00 | 69.71 |" in md  # the draw-0 table

@@ -179,6 +179,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_tiny(args: argparse.Namespace) -> int:
     """CI form: random cifar_resnet20, random labelled images, 2 iterations; rows into a temp dir."""
+    tiny_rows(args)
+    return 0
+
+
+def tiny_rows(args: argparse.Namespace) -> tuple[Path, list[dict]]:
+    """Run the tiny form and return (results dir, rows written), for benchmarks built on it."""
     from quant.models import load_model
     from quant.ptq import QuantConfig
 
@@ -206,7 +212,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
     )
     report.write_accuracy(out, rows)
     print(out / "accuracy.json")
-    return 0
+    return out, rows
 
 
 def main(argv: list[str] | None = None) -> int:

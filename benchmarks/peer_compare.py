@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-batch", type=int, default=128)
     p.add_argument("--distill-workers", type=int, default=2)
     p.add_argument("--pool", default=None, help="reuse this bn-distill pool instead of distilling")
+    p.add_argument(
+        "--placement",
+        default="layer-input",
+        choices=["layer-input", "block-output"],
+        help="activation quantizers; layer-input is the graph the PEERS.md run quantized (default)",
+    )
     p.add_argument("--tiny", action="store_true", help="CI form: random model and images, a few iterations")
 
 
@@ -119,13 +125,13 @@ def run(args: argparse.Namespace) -> int:
                     3,
                 )
             calib = load_calibration(pool, transform, args.distill_images)
-        config = QuantConfig(wbits=wbits, abits=4, method=method, iters=iters)
+        config = QuantConfig(wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement)
         seconds, scores, qmodel = accuracy.quantize_and_evaluate(model, calib, config, evals)
         s_iter = sum(qmodel._dfq_meta["seconds_per_iter"].values()) if iters else 0.0
         new = accuracy.rows_for(
             "cifar_resnet20", fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
             n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1), s_per_iter_all_units=round(s_iter, 4),
-            **extra,
+            placement=args.placement, **extra,
         )  # fmt: skip
         rows += new
         report.write_accuracy(results, rows)
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         by = {r["dataset"]: r["top1"] for r in new}
         side.append(
             {
-                "setting": f"W{wbits}A4 {method} {calib_kind}", "iters": iters, "n_calib": int(calib.shape[0]),
+                "setting": f"W{wbits}A4 {method} {calib_kind}", "placement": args.placement, "iters": iters, "n_calib": int(calib.shape[0]),
                 "ours_lossless": by.get("cifar10-lossless-1017"), "peer_lossless": peer[0],
                 "ours_jpeg": by.get("cifar10-jpeg-7959"), "peer_jpeg": peer[1],
                 "ours_seconds": round(seconds, 1), "peer_seconds": peer[2],
@@ -157,7 +163,7 @@ def _write_side(results: Path, side: list[dict], distill_seconds: float | None) 
     ]
     for r in side:
         lines.append(
-            f"| {r['setting']} | {r['iters']} | {r['n_calib']} | {r['ours_lossless']:.2f} | {r['peer_lossless']:.2f} "
+            f"| {r['setting']}{', ' + r['placement'] if r.get('placement') else ''} | {r['iters']} | {r['n_calib']} | {r['ours_lossless']:.2f} | {r['peer_lossless']:.2f} "
             f"| {r['ours_jpeg']:.2f} | {r['peer_jpeg']:.2f} | {r['ours_seconds']:.0f} | {r['peer_seconds']} "
             f"| {r['time_ratio']:.2f} |"
         )

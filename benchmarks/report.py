@@ -26,6 +26,23 @@ METHODS = ("fp32", "rtn", "brecq", "qdrop", "genie-m", "repq-vit")
 KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_calib")
 
 
+def row_key(row: dict) -> tuple:
+    """What makes two rows the same measurement: KEY, the CNN activation placement, the draw."""
+    return tuple(row.get(k) for k in KEY) + (placement(row), row.get("draw"))
+
+
+def placement(row: dict) -> str | None:
+    """A CNN row's activation placement (rows written before the option existed are block-output)."""
+    if row.get("method") in ("fp32", "repq-vit"):
+        return None
+    return row.get("placement") or "block-output"
+
+
+def method_label(row: dict) -> str:
+    """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default."""
+    return f"{row['method']} (layer-input)" if placement(row) == "layer-input" else row["method"]
+
+
 def device_string() -> str:
     """Which machine a number came from: GPU name, or CPU model and the threads torch used."""
     if torch.cuda.is_available():
@@ -64,8 +81,8 @@ def merge_rows(path: Path, rows: Iterable[dict]) -> list[dict]:
     path = Path(path)
     existing = json.loads(path.read_text()) if path.exists() else []
     new = list(rows)
-    keys = {tuple(r.get(k) for k in KEY) + (r.get("draw"),) for r in new}
-    kept = [r for r in existing if tuple(r.get(k) for k in KEY) + (r.get("draw"),) not in keys]
+    keys = {row_key(r) for r in new}
+    kept = [r for r in existing if row_key(r) not in keys]
     merged = kept + new
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -96,14 +113,14 @@ def accuracy_markdown(rows: list[dict]) -> str:
         ]
         out += ["|---|---|---|---|---|---|---|---|---|---|---|"]
         rs = sorted(
-            rs, key=lambda r: (-r["wbits"], -r["abits"], r["calib"], r["method"], r.get("iters") or 0)
+            rs, key=lambda r: (-r["wbits"], -r["abits"], r["calib"], method_label(r), r.get("iters") or 0)
         )
         for r in rs:
             delta = "" if r.get("fp_top1") is None or r["wbits"] == 32 else f"{r['top1'] - r['fp_top1']:+.2f}"
             top5 = "" if r.get("top5") is None else f"{r['top5']:.2f}"
             secs = "" if r.get("seconds") is None else f"{r['seconds']:.0f}"
             out.append(
-                f"| {_bits(r)} | {r['calib']} | {r['method']} | {r.get('n_calib') or ''} | {r.get('iters') or 0} "
+                f"| {_bits(r)} | {r['calib']} | {method_label(r)} | {r.get('n_calib') or ''} | {r.get('iters') or 0} "
                 f"| {r['top1']:.2f} | {top5} | {delta} | {secs} | {r['device']} | {r['date']} |"
             )
         out.append("")
@@ -132,7 +149,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> bool:
         for r in rs:
             if r["wbits"] == 32:
                 continue
-            label = f"{r['calib']} / {r['method']}"
+            label = f"{r['calib']} / {method_label(r)}"
             lines.setdefault(label, {}).setdefault(_bits(r), []).append(r["top1"])
         for label, pts in sorted(lines.items()):
             xs = [b for b in order if b in pts]

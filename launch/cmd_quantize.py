@@ -43,6 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--first-last-bits", type=bits, default=8, help="first conv / last linear bits (default 8)"
     )
     p.add_argument("--method", default="genie-m", choices=["rtn", "brecq", "adaround", "qdrop", "genie-m"])
+    p.add_argument(
+        "--placement",
+        default="block-output",
+        choices=["block-output", "layer-input"],
+        help="CNN activation quantizers: on every stored block output, residual stream included "
+        "(QDrop, default), or on conv/linear inputs only, identity skips in float (Genie)",
+    )
     p.add_argument("--iters", type=nonnegative_int, default=20000, help="reconstruction iterations per block")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         iters=args.iters,
         batch_size=args.batch_size,
         first_last_bits=args.first_last_bits,
+        placement=args.placement,
         seed=args.seed,
         device=args.device,
     )
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         "abits": args.abits,
         "first_last_bits": args.first_last_bits,
         "method": args.method,
+        "placement": args.placement,
         "iters": args.iters if args.method != "rtn" else 0,
         "seconds": round(seconds, 2),
         "device": args.device,

@@ -33,6 +33,9 @@ from .modules import QuantAct, QuantConv2d, QuantLinear, quantize_layer
 
 Step = tuple[nn.Conv2d, "nn.Module | None"]
 
+#: Where activations are quantized (see `build_quantized_twin`).
+PLACEMENTS = ("block-output", "layer-input")
+
 
 class QuantUnit(nn.Module):
     """A reconstruction unit: `in_quant` (if its input needs one) and `out_quant` (if it stores one)."""
@@ -51,6 +54,7 @@ class QuantBlock(QuantUnit):
         post_act: nn.Module | None,
         wbits: int,
         abits: int,
+        placement: str = "block-output",
     ) -> None:
         super().__init__()
         self.in_quant = None
@@ -63,14 +67,21 @@ class QuantBlock(QuantUnit):
         self.body = nn.Sequential(*layers)
         self.shortcut = _quantize_convs(shortcut, wbits) if shortcut is not None else None
         self.post_act = post_act
-        self.out_quant = QuantAct(abits)
+        # layer-input: the block stores nothing itself; an identity or padding shortcut then carries
+        # the unquantized input (only layers quantize their inputs), a conv shortcut the quantized one.
+        self.out_quant = QuantAct(abits) if placement == "block-output" else None
+        self.float_skip = placement == "layer-input" and not any(
+            isinstance(m, (nn.Conv2d, nn.Linear))
+            for m in (shortcut.modules() if shortcut is not None else ())
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip_in = x
         if self.in_quant is not None:
             x = self.in_quant(x)
         out = self.body(x)
         if self.shortcut is not None:
-            out = out + self.shortcut(x)
+            out = out + self.shortcut(skip_in if self.float_skip else x)
         if self.post_act is not None:
             out = self.post_act(out)
         if self.out_quant is not None:
@@ -240,17 +251,19 @@ class UnitInfo:
     input_quant: str | None
 
 
-def _replace_units(root: nn.Module, module: nn.Module, prefix: str, wbits: int, abits: int) -> None:
+def _replace_units(
+    root: nn.Module, module: nn.Module, prefix: str, wbits: int, abits: int, placement: str
+) -> None:
     for name, child in list(module.named_children()):
         full = f"{prefix}{name}"
         recipe = block_recipe(child)
         if recipe is not None:
             steps, shortcut, post_act = recipe
-            set_submodule(root, full, QuantBlock(steps, shortcut, post_act, wbits, abits))
+            set_submodule(root, full, QuantBlock(steps, shortcut, post_act, wbits, abits, placement))
         elif isinstance(child, (nn.Conv2d, nn.Linear)):
             set_submodule(root, full, QuantLayerUnit(child, wbits))
         else:
-            _replace_units(root, child, f"{full}.", wbits, abits)
+            _replace_units(root, child, f"{full}.", wbits, abits, placement)
 
 
 def trace_units(model: nn.Module, example: torch.Tensor) -> list[UnitInfo]:
@@ -293,19 +306,32 @@ def _set_unit_wbits(unit: nn.Module, bits: int) -> None:
 
 
 def build_quantized_twin(
-    model: nn.Module, example: torch.Tensor, wbits: int, abits: int, first_last_bits: int | None
+    model: nn.Module,
+    example: torch.Tensor,
+    wbits: int,
+    abits: int,
+    first_last_bits: int | None,
+    placement: str = "block-output",
 ) -> tuple[nn.Module, list[str]]:
     """Deep-copy `model`, fold BN, rewrite blocks/layers into quantized units (all quantizers off).
 
-    Returns the twin and its unit names in execution order. Deterministic for a given architecture
-    and input shape, so `load_quantized` rebuilds exactly the module tree that was saved.
+    `placement` says which tensors are quantized. `block-output` (QDrop/BRECQ): every tensor a block
+    stores, so the residual stream itself is low-bit. `layer-input` (Genie's `QuantizableLayer`): the
+    input of every conv/linear; a skip connection without a conv then adds the unquantized tensor,
+    which is gentler at low activation bits and is what Genie's code does on models whose shortcut is
+    not an `nn.Identity` module (e.g. the CIFAR ResNets).
+
+    Returns the twin and its unit names in execution order. Deterministic for a given architecture,
+    input shape and placement, so `load_quantized` rebuilds exactly the module tree that was saved.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown activation placement {placement!r}: use {' or '.join(PLACEMENTS)}")
     twin = copy.deepcopy(model).eval()
     twin.requires_grad_(False)
     if is_block(twin) or isinstance(twin, (nn.Conv2d, nn.Linear)):
         twin = nn.Sequential(twin)  # the root itself is a unit: give it a parent to be replaced in
     fold_batchnorm(twin, example)
-    _replace_units(twin, twin, "", wbits, abits)
+    _replace_units(twin, twin, "", wbits, abits, placement)
     order = trace_units(twin, example)
     if not order:
         raise TypeError("no conv or linear layer found to quantize")

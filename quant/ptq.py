@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from .blocks import build_quantized_twin
+from .blocks import PLACEMENTS, build_quantized_twin
 from .errors import QuantError
 from .modules import QuantAct, QuantConv2d, QuantLinear, act_quantizers, set_quant_state, weight_layers
 from .quantizers import UniformQuantizer, check_bits
@@ -49,6 +49,9 @@ class QuantConfig:
     lr_alpha: float = 1e-3
     lr_act: float = 4e-5
     lr_wscale: float = 1e-4
+    #: Which tensors carry activation quantizers: `block-output` (QDrop: the residual stream is
+    #: quantized) or `layer-input` (Genie: conv/linear inputs; identity skips stay float).
+    placement: str = "block-output"
     seed: int = 0
     device: str = "cpu"
 
@@ -65,6 +68,8 @@ class QuantConfig:
             check_bits(self.first_last_bits, "first_last_bits")
         if self.method not in METHODS:
             raise QuantError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.placement not in PLACEMENTS:
+            raise QuantError(f"unknown placement {self.placement!r}: use {' or '.join(PLACEMENTS)}")
         for name in ("iters", "batch_size", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -192,7 +197,12 @@ def quantize_model(
     calib = calib.to(device=device, dtype=torch.float32)
     model_device = next(iter(model.parameters()), torch.empty(0)).device
     qmodel, units = build_quantized_twin(
-        model, calib[:2].to(model_device), config.wbits, config.abits, config.first_last_bits
+        model,
+        calib[:2].to(model_device),
+        config.wbits,
+        config.abits,
+        config.first_last_bits,
+        config.placement,
     )
     qmodel.to(device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -201,9 +211,12 @@ def quantize_model(
     results: dict[str, ReconResult] = {}
     for k, name in enumerate(units):
         unit = qmodel.get_submodule(name)
+        x_fp = y_fp = None
+        if train:  # the targets: the float model's input to and output of this unit
+            set_quant_state(qmodel, weights=False, acts=False)
+            x_fp, y_fp = capture(qmodel, unit, calib, outputs=True)
         for j, other in enumerate(units):  # the prefix quantized, the rest float
             set_quant_state(qmodel.get_submodule(other), weights=j < k, acts=j < k)
-        x_fp, y_fp = capture(qmodel, unit, calib, outputs=True) if train else (None, None)
         if k == 0:
             x_q = calib  # the first unit's input is the (float) image
         else:
@@ -260,7 +273,9 @@ def load_quantized(path: str | os.PathLike, build_model: Callable[[dict], nn.Mod
     config = QuantConfig.from_dict(blob["config"])
     model = build_model(blob["model_spec"])
     example = torch.zeros(2, *blob["input_shape"])
-    qmodel, units = build_quantized_twin(model, example, config.wbits, config.abits, config.first_last_bits)
+    qmodel, units = build_quantized_twin(
+        model, example, config.wbits, config.abits, config.first_last_bits, config.placement
+    )
     state = blob["state_dict"]
     for name, mod in qmodel.named_modules():  # grids first: their shapes are set by calibration
         if isinstance(mod, UniformQuantizer) and f"{name}.scale" in state:

@@ -104,6 +104,51 @@ def test_first_and_last_layers_bits(resnet20: nn.Module, first_last: int | None)
     assert all(u.out_quant.bits == 4 for u in units[1:-2])
 
 
+def test_reconstruction_targets_come_from_the_float_model(monkeypatch, resnet20: nn.Module) -> None:
+    """Each unit learns to reproduce the *float model's* output from a mix of quantized and float
+    inputs (QDrop): the targets must not be taken with the quantized prefix switched on."""
+    import quant.ptq as ptq
+
+    calib = _calib(32)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    real = ptq.reconstruct_unit
+
+    def spy(unit, x_q, x_fp, y_fp, *args, **kwargs):
+        seen[kwargs.get("desc", "")] = (x_q.clone(), x_fp.clone(), y_fp.clone())
+        return real(unit, x_q, x_fp, y_fp, *args, **kwargs)
+
+    monkeypatch.setattr(ptq, "reconstruct_unit", spy)
+    quantize_model(resnet20, calib, QuantConfig(wbits=2, abits=4, iters=2), progress=False)
+    x_q, x_fp, y_fp = next(v for k, v in seen.items() if k.endswith("layer2.0"))
+    feats = {}
+    handle = resnet20.layer2[0].register_forward_hook(lambda m, i, o: feats.update(x=i[0], y=o))
+    with torch.no_grad():
+        resnet20(calib)
+    handle.remove()
+    torch.testing.assert_close(x_fp, feats["x"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_fp, feats["y"], atol=1e-4, rtol=1e-4)
+    assert (x_q - x_fp).abs().mean() > 1e-3  # the quantized prefix's input really differs
+
+
+def test_layer_input_placement_keeps_identity_skips_float(resnet20: nn.Module, tmp_path) -> None:
+    cfg = QuantConfig(wbits=4, abits=4, iters=2, placement="layer-input")
+    q = quantize_model(resnet20, _calib(), cfg, progress=False)
+    units = _units(q)
+    blocks = [u for u in units if isinstance(u, QuantBlock)]
+    assert blocks and all(b.out_quant is None and b.in_quant is not None for b in blocks)
+    assert all(b.float_skip for b in blocks)  # option-A shortcuts have no conv: the add sees float x
+    assert units[1].in_quant.bits == 8 and all(b.in_quant.bits == 4 for b in blocks[1:])
+    # quantizing the skip input too (block-output) changes the result: the option is real
+    x = _calib(8, seed=9)
+    other = quantize_model(resnet20, _calib(), QuantConfig(wbits=4, abits=4, iters=2), progress=False)
+    with torch.no_grad():
+        assert not torch.allclose(q(x), other(x))
+    save_quantized(q, cfg, tmp_path / "q.pt", {"name": "cifar_resnet20"})
+    loaded = load_quantized(tmp_path / "q.pt", lambda s: REGISTRY[s["name"]][0]())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
 def test_save_load_round_trip_gives_identical_logits(resnet20: nn.Module, tmp_path) -> None:
     cfg = QuantConfig(wbits=4, abits=4, iters=4)
     q = quantize_model(resnet20, _calib(), cfg, progress=False)
@@ -131,6 +176,7 @@ def test_save_load_round_trip_gives_identical_logits(resnet20: nn.Module, tmp_pa
         {"wbits": 4.0},
         {"first_last_bits": 16},
         {"method": "gptq"},
+        {"placement": "everywhere"},
         {"iters": -1},
         {"batch_size": 0},
         {"drop_prob": 1.0},

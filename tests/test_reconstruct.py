@@ -69,23 +69,16 @@ def _settings(iters: int, **kw) -> ReconSettings:
 
 
 @pytest.mark.parametrize(
-    "wbits,drop,factor",
-    [
-        pytest.param(
-            4,
-            0.0,
-            0.99,
-            marks=pytest.mark.xfail(
-                reason="known defect (issue 12): with seeded weights, 150 W4 iterations without dropping end "
-                "level with the calibrated grid (0.0556 vs 0.0553); reconstruction quality is under investigation",
-                strict=False,
-            ),
-        ),
-        (2, 0.5, 0.7),
-    ],
+    # W4A8 without dropping: the loss is the weights' rounding error, which AdaRound must cut. (At
+    # W4A4 on random weights the 4-bit activations dominate the loss and 150 iterations of the
+    # activation steps at lr 4e-5 barely move it: no test of the rounding.)
+    "wbits,abits,drop,factor",
+    [(4, 8, 0.0, 0.9), (2, 4, 0.5, 0.7)],
 )
-def test_reconstruction_loss_falls(resnet20: nn.Module, wbits: int, drop: float, factor: float) -> None:
-    unit, x, y = _unit_data(resnet20, "layer3.1", wbits, 4, n=64)
+def test_reconstruction_loss_falls(
+    resnet20: nn.Module, wbits: int, abits: int, drop: float, factor: float
+) -> None:
+    unit, x, y = _unit_data(resnet20, "layer3.1", wbits, abits, n=64)
     assert isinstance(unit, QuantBlock)
     with torch.no_grad():
         before = reconstruction_loss(unit(x), y).item()

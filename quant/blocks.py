@@ -249,6 +249,8 @@ class UnitInfo:
 
     name: str
     input_quant: str | None
+    #: the input is exactly the previous unit's output (no functional op between them)
+    chained: bool = False
 
 
 def _replace_units(
@@ -277,19 +279,25 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> list[UnitInfo]:
     def after_quant(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
         produced[id(out)] = (out, names[mod])
 
+    last_out: list[torch.Tensor | None] = [None]
+
     def before_unit(mod: nn.Module, inp: tuple) -> None:
         if mod in seen:
             return
         seen.add(mod)
         hit = produced.get(id(inp[0]))
         src = hit[1] if hit is not None and hit[0] is inp[0] else None
-        order.append(UnitInfo(names[mod], src))
+        order.append(UnitInfo(names[mod], src, chained=last_out[0] is inp[0]))
+
+    def after_unit(_mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        last_out[0] = out
 
     for m in model.modules():
         if isinstance(m, QuantAct):
             handles.append(m.register_forward_hook(after_quant))
         elif isinstance(m, QuantUnit):
             handles.append(m.register_forward_pre_hook(before_unit))
+            handles.append(m.register_forward_hook(after_unit))
     try:
         with torch.no_grad():
             model(example)
@@ -355,6 +363,7 @@ def build_quantized_twin(
     _set_unit_wbits(twin.get_submodule(order[0].name), fl_w)
     _set_unit_wbits(twin.get_submodule(order[-1].name), fl_w)
     twin.requires_grad_(False)
+    twin._dfq_chained = [info.chained for info in order]  # type: ignore[attr-defined]
     return twin, [info.name for info in order]
 
 

@@ -158,6 +158,12 @@ def capture(
 
 
 @torch.no_grad()
+def run_unit(unit: nn.Module, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """`unit` over `x` in batches, in its current quantization state (NCHW contiguous output)."""
+    return torch.cat([unit(x[i : i + batch].contiguous()).contiguous() for i in range(0, x.shape[0], batch)])
+
+
+@torch.no_grad()
 def calibrate_unit(unit: nn.Module, x: torch.Tensor) -> None:
     """Initial grids of one unit: per-channel weight MSE search, then activation ranges in order."""
     for layer in weight_layers(unit):
@@ -209,16 +215,26 @@ def quantize_model(
     settings = config.recon_settings()
     train = config.method != "rtn" and config.iters > 0
     results: dict[str, ReconResult] = {}
+    chained = getattr(qmodel, "_dfq_chained", [False] * len(units))
+    prev_fp = prev_q = None  # the previous unit's float output and its quantized output
     for k, name in enumerate(units):
         unit = qmodel.get_submodule(name)
+        # A unit fed straight by the previous one takes its inputs from that unit's outputs (one unit
+        # forward) instead of re-running the whole prefix (which makes captures quadratic in depth).
+        chain = k > 0 and chained[k] and prev_q is not None and (prev_fp is not None or not train)
         x_fp = y_fp = None
         if train:  # the targets: the float model's input to and output of this unit
             set_quant_state(qmodel, weights=False, acts=False)
-            x_fp, y_fp = capture(qmodel, unit, calib, outputs=True)
+            if chain:
+                x_fp, y_fp = prev_fp, run_unit(unit, prev_fp)
+            else:
+                x_fp, y_fp = capture(qmodel, unit, calib, outputs=True)
         for j, other in enumerate(units):  # the prefix quantized, the rest float
             set_quant_state(qmodel.get_submodule(other), weights=j < k, acts=j < k)
         if k == 0:
             x_q = calib  # the first unit's input is the (float) image
+        elif chain:
+            x_q = prev_q
         else:
             x_q, _ = capture(qmodel, unit, calib, outputs=False)
         calibrate_unit(unit, x_q[:ACT_CALIB_IMAGES])
@@ -226,6 +242,10 @@ def quantize_model(
             results[name] = reconstruct_unit(
                 unit, x_q, x_fp, y_fp, settings, generator, progress, desc=f"[{k + 1}/{len(units)}] {name}"
             )
+        prev_fp = prev_q = None
+        if k + 1 < len(units) and chained[k + 1]:
+            set_quant_state(unit, weights=True, acts=True)
+            prev_q, prev_fp = run_unit(unit, x_q), y_fp
         del x_fp, y_fp, x_q
     set_quant_state(qmodel, weights=True, acts=True)
     qmodel.requires_grad_(False)

@@ -242,6 +242,7 @@ class AdaRoundQuantizer(nn.Module):
         # inverse of the rectified sigmoid: sigmoid(alpha) * (ZETA - GAMMA) + GAMMA = rest
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.soft = True
+        self._last_h: torch.Tensor | None = None  # h(alpha) of the latest soft forward
 
     def h(self) -> torch.Tensor:
         """Rectified sigmoid rounding offset in [0, 1]."""
@@ -252,12 +253,20 @@ class AdaRoundQuantizer(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The fake-quantized weight."""
-        q = torch.clamp(self.w_floor + self.rounding_offset() + self.zero_point, self.qmin, self.qmax)
+        if self.soft:
+            offset = self._last_h = self.h()
+        else:
+            offset, self._last_h = (self.alpha >= 0).float(), None
+        q = torch.clamp(self.w_floor + offset + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * self.scale
 
     def round_loss(self, beta: float) -> torch.Tensor:
-        """AdaRound's regulariser: pushes every h(alpha) to 0 or 1 as beta anneals 20 -> 2."""
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+        """AdaRound's regulariser: pushes every h(alpha) to 0 or 1 as beta anneals 20 -> 2.
+
+        Reuses h(alpha) from this step's forward when there is one (same value, one graph node).
+        """
+        h = self._last_h if self._last_h is not None and self.alpha.requires_grad else self.h()
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
     def integer_weight(self) -> torch.Tensor:
         """The final integer weight (hard rounding), for export."""

@@ -14,6 +14,7 @@ from quant.errors import QuantError
 from quant.modules import QuantAct, QuantConv2d, QuantLinear
 from quant.ptq import (
     QuantConfig,
+    capture,
     load_quantized,
     quantize_model,
     reconstruction_history,
@@ -118,7 +119,7 @@ def test_reconstruction_targets_come_from_the_float_model(monkeypatch, resnet20:
         return real(unit, x_q, x_fp, y_fp, *args, **kwargs)
 
     monkeypatch.setattr(ptq, "reconstruct_unit", spy)
-    quantize_model(resnet20, calib, QuantConfig(wbits=2, abits=4, iters=2), progress=False)
+    q = quantize_model(resnet20, calib, QuantConfig(wbits=2, abits=4, iters=2), progress=False)
     x_q, x_fp, y_fp = next(v for k, v in seen.items() if k.endswith("layer2.0"))
     feats = {}
     handle = resnet20.layer2[0].register_forward_hook(lambda m, i, o: feats.update(x=i[0], y=o))
@@ -128,6 +129,11 @@ def test_reconstruction_targets_come_from_the_float_model(monkeypatch, resnet20:
     torch.testing.assert_close(x_fp, feats["x"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y_fp, feats["y"], atol=1e-4, rtol=1e-4)
     assert (x_q - x_fp).abs().mean() > 1e-3  # the quantized prefix's input really differs
+    # layer2.0 is fed straight by layer1.2, so its inputs were chained from that unit's outputs rather
+    # than captured: they must equal what the finished quantized prefix gives
+    q_in, _ = capture(q, q.get_submodule("layer2.0"), calib, outputs=False)
+    torch.testing.assert_close(x_q, q_in, atol=1e-5, rtol=1e-5)
+    assert q._dfq_chained[:3] == [False, False, True]  # conv1, layer1.0 after F.relu, layer1.1
 
 
 def test_layer_input_placement_keeps_identity_skips_float(resnet20: nn.Module, tmp_path) -> None:

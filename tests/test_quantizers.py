@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.modules import QuantAct, keep_fp_mask, lsq_quant
+from quant.modules import MaskPool, QuantAct, keep_fp_mask, lsq_quant
 from quant.quantizers import GAMMA, ZETA, AdaRoundQuantizer, UniformQuantizer
 
 
@@ -63,10 +63,14 @@ def _lsq_reference(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float) -> to
     return ((t.round() - t).detach() + t) * s
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("drop", [False, True])
-def test_fused_lsq_matches_reference_values_and_gradients(drop: bool) -> None:
+def test_fused_lsq_matches_reference_values_and_gradients(drop: bool, channels_last: bool) -> None:
     torch.manual_seed(1)
-    x = (torch.randn(4, 8, 5, 5) * 3).requires_grad_(True)
+    x = torch.randn(4, 8, 5, 5) * 3
+    if channels_last:  # reconstruction's layout: the step's gradient must not depend on it
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     s = torch.tensor(0.4, requires_grad=True)
     keep = keep_fp_mask(x, 0.5, torch.Generator().manual_seed(3)) if drop else None
     ref = _lsq_reference(x, s, -3.0, 12.0)
@@ -79,6 +83,9 @@ def test_fused_lsq_matches_reference_values_and_gradients(drop: bool) -> None:
     assert torch.equal(out, ref)
     assert torch.allclose(gx, gx_ref, atol=1e-6)
     assert torch.allclose(gs, gs_ref, rtol=1e-4)
+    # a unit's input quantizer: no gradient for x is asked for, the step's is the same
+    (gs_only,) = torch.autograd.grad(lsq_quant(x.detach(), s, -3.0, 12.0, keep), (s,), g)
+    assert torch.allclose(gs_only, gs_ref, rtol=1e-4)
 
 
 def test_keep_mask_is_a_fair_deterministic_coin_in_the_inputs_layout() -> None:
@@ -92,6 +99,33 @@ def test_keep_mask_is_a_fair_deterministic_coin_in_the_inputs_layout() -> None:
     assert a.stride() == like.stride()
     p = keep_fp_mask(torch.empty(10000), 0.2, torch.Generator().manual_seed(0))
     assert abs(p.mean().item() - 0.2) < 0.02
+
+
+def test_mask_pool_draws_fair_varied_deterministic_windows() -> None:
+    like = torch.empty(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def draws(seed: int) -> list[torch.Tensor]:
+        pool = MaskPool(0.5, torch.Generator().manual_seed(seed), torch.device("cpu"))
+        return [pool.draw(like).clone() for _ in range(50)]
+
+    a, b, c = draws(0), draws(0), draws(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # a pure function of the seed
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert len({tuple(m.flatten().tolist()) for m in a}) > 40  # a different mask (almost) every step
+    stacked = torch.stack(a)
+    assert set(stacked.unique().tolist()) == {0.0, 1.0}
+    assert abs(stacked.mean().item() - 0.5) < 0.03
+    assert a[0].stride() == like.stride()  # same layout as the activation it blends
+    p2 = MaskPool(0.2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert abs(torch.stack([p2.draw(torch.empty(500)) for _ in range(20)]).mean().item() - 0.2) < 0.03
+
+
+def test_act_quantizer_refuses_dropping_without_masks() -> None:
+    q = QuantAct(4)
+    q.calibrate(torch.rand(100))
+    q.enabled, q.drop_prob = True, 0.5
+    with pytest.raises(RuntimeError, match="MaskPool"):
+        q(torch.rand(10))
 
 
 def test_act_quantizer_grid_is_unsigned_after_relu_and_error_shrinks_with_bits() -> None:

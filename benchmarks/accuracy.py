@@ -45,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--methods", default="genie-m,rtn", help="comma list of rtn, brecq, qdrop, genie-m")
     p.add_argument("--iters", type=int, default=1000, help="reconstruction iterations per block")
+    p.add_argument(
+        "--rtn-only", default="", help="comma list of bit settings that get round-to-nearest rows only"
+    )
+    p.add_argument(
+        "--placement",
+        default="block-output",
+        choices=["block-output", "layer-input"],
+        help="CNN activation quantizers (as `dfq quantize --placement`)",
+    )
     p.add_argument("--n-calib", type=int, default=1024)
     p.add_argument("--evals", default="lossless,jpeg", help="cifar10 evaluation sets: lossless, jpeg")
     p.add_argument("--seed", type=int, default=0)
@@ -162,11 +171,21 @@ def run(args: argparse.Namespace) -> int:
                 wbits, abits = BITS[bits]
                 for method in args.methods.split(","):
                     iters = 0 if method == "rtn" else args.iters
-                    config = QuantConfig(wbits=wbits, abits=abits, method=method, iters=iters, seed=args.seed)
+                    if method != "rtn" and bits in args.rtn_only.split(","):
+                        continue
+                    config = QuantConfig(
+                        wbits=wbits,
+                        abits=abits,
+                        method=method,
+                        iters=iters,
+                        seed=args.seed,
+                        placement=args.placement,
+                    )
                     seconds, scores, _ = quantize_and_evaluate(model, calib, config, evals)
                     new = rows_for(
                         model_name, fp, scores, wbits=wbits, abits=abits, calib=label, method=method,
                         n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1),
+                        placement=args.placement,
                     )  # fmt: skip
                     rows += new
                     report.write_accuracy(Path(args.results), rows)

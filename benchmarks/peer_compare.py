@@ -19,6 +19,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +44,16 @@ SETTINGS = [  # (method, wbits, calib, iters)
     ("rtn", 2, "real", 0),
     ("genie-m", 2, "real", 2000),
 ]
+#: argument defaults, and the tiny form's values for them (3 + 2 iterations, 16 distilled images)
+DEFAULTS = {"iters_scale": 1.0, "distill_iters": 400, "distill_images": 256, "distill_batch": 128,
+            "distill_workers": 2}  # fmt: skip
+TINY = {
+    "iters_scale": 0.001,
+    "distill_iters": 2,
+    "distill_images": 16,
+    "distill_batch": 8,
+    "distill_workers": 1,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,11 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--settings", default="all", help="comma list of indices into the settings (0..4) or 'all'"
     )
-    p.add_argument("--iters-scale", type=float, default=1.0, help="scale every iteration budget (tiny runs)")
-    p.add_argument("--distill-iters", type=int, default=400)
-    p.add_argument("--distill-images", type=int, default=256)
-    p.add_argument("--distill-batch", type=int, default=128)
-    p.add_argument("--distill-workers", type=int, default=2)
+    p.add_argument(
+        "--iters-scale", type=float, default=DEFAULTS["iters_scale"], help="scale every iteration budget"
+    )
+    p.add_argument("--distill-iters", type=int, default=DEFAULTS["distill_iters"])
+    p.add_argument("--distill-images", type=int, default=DEFAULTS["distill_images"])
+    p.add_argument("--distill-batch", type=int, default=DEFAULTS["distill_batch"])
+    p.add_argument("--distill-workers", type=int, default=DEFAULTS["distill_workers"])
     p.add_argument("--pool", default=None, help="reuse this bn-distill pool instead of distilling")
     p.add_argument(
         "--placement",
@@ -67,17 +81,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="CI form: random model and images, a few iterations")
 
 
-def distill_pool(assets: Path, out: str, args: argparse.Namespace) -> tuple[str, float]:
+@dataclass
+class Setup:
+    """What the settings loop needs: the model (and its checkpoint, for the distilling actors), the
+    evaluation sets, the real calibration draw, and the eval-set names that map to PEERS.md columns."""
+
+    name: str
+    model: torch.nn.Module
+    checkpoint: str
+    transform: Callable
+    evals: dict
+    real: torch.Tensor
+    lossless: str
+    jpeg: str
+
+
+def real_setup(args: argparse.Namespace) -> Setup:
+    """The CIFAR-10 ResNet-20, both evaluation sets and the 1,024-image draw of ASSETS.md."""
+    from benchmarks.splits import assets_dir
+    from quant.data import build_transform
+    from quant.models import load_model
+
+    assets = assets_dir(args.assets or os.environ.get("DFQ_ASSETS") or "../shared/assets")
+    ckpt = str(assets / accuracy.MODELS["cifar_resnet20"][0])
+    model, data_config = load_model("cifar_resnet20", checkpoint=ckpt)
+    transform = build_transform(data_config)
+    evals = accuracy.eval_sets("cifar10", assets, data_config, transform, ["lossless", "jpeg"])
+    _, real = accuracy.calibration("real", "cifar10", assets, data_config, transform, 1024, 0)
+    return Setup(
+        "cifar_resnet20", model, ckpt, transform, evals, real, "cifar10-lossless-1017", "cifar10-jpeg-7959"
+    )
+
+
+def tiny_setup(args: argparse.Namespace) -> Setup:
+    """CI form: a random-weight ResNet-20 (BN statistics from noise, saved as a checkpoint the
+    distilling actors load), 64 random labelled images as both evaluation sets, 32 as the draw."""
+    from quant.data import build_transform
+    from quant.models import load_model
+
+    model, data_config = load_model("cifar_resnet20")
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    ckpt = os.path.join(tempfile.mkdtemp(prefix="dfq-peer-model-"), "resnet20-random.pt")
+    torch.save(model.state_dict(), ckpt)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    evals = {"random-64": (images, labels)}
+    return Setup("cifar_resnet20-random", model, ckpt, build_transform(data_config), evals, images[:32],
+                 "random-64", "random-64")  # fmt: skip
+
+
+def distill_pool(setup: Setup, out: str, args: argparse.Namespace) -> tuple[str, float]:
     """Run the engine's bn-distill generator for the ResNet-20 into `out`; (pool, wall seconds)."""
     from engine.config import GenerateConfig
     from engine.driver import generate
     from launch.classifier import distill_context
 
-    ckpt = str(assets / accuracy.MODELS["cifar_resnet20"][0])
-    context, _ = distill_context("cifar_resnet20", ckpt, None)
+    context, _ = distill_context("cifar_resnet20", setup.checkpoint, None)
     cfg = GenerateConfig(
         out=out, num_images=args.distill_images, shard_size=args.distill_batch, preset="bn-distill",
-        generator="bn-distill", model="cifar_resnet20", checkpoint=ckpt, vocab="cifar10", k=2,
+        generator="bn-distill", model="cifar_resnet20", checkpoint=setup.checkpoint, vocab="cifar10", k=2,
         steps=args.distill_iters, width=32, height=32, batch_size=args.distill_batch,
         workers=args.distill_workers, device="cpu",
     )  # fmt: skip
@@ -87,49 +154,46 @@ def distill_pool(assets: Path, out: str, args: argparse.Namespace) -> tuple[str,
 
 
 def run(args: argparse.Namespace) -> int:
-    from quant.data import build_transform, load_calibration
-    from quant.models import load_model
+    from quant.data import load_calibration
     from quant.ptq import QuantConfig
 
     if args.tiny:
-        return _run_tiny(args)
-    from benchmarks.splits import assets_dir
-
-    assets = assets_dir(args.assets or os.environ.get("DFQ_ASSETS") or "../shared/assets")
+        for name, value in TINY.items():  # the CI scale, unless asked otherwise
+            if getattr(args, name) == DEFAULTS[name]:
+                setattr(args, name, value)
+        if args.results == "benchmarks/results":
+            args.results = tempfile.mkdtemp(prefix="dfq-peer-")
+    setup = tiny_setup(args) if args.tiny else real_setup(args)
     torch.set_num_threads(os.cpu_count() or 1)
     results = Path(args.results)
-    model, data_config = load_model(
-        "cifar_resnet20", checkpoint=str(assets / accuracy.MODELS["cifar_resnet20"][0])
-    )
-    transform = build_transform(data_config)
-    evals = accuracy.eval_sets("cifar10", assets, data_config, transform, ["lossless", "jpeg"])
-    fp = accuracy.fp_scores(model, evals)
-    rows = accuracy.fp_rows("cifar_resnet20", fp)
-    _, real = accuracy.calibration("real", "cifar10", assets, data_config, transform, 1024, 0)
+    fp = accuracy.fp_scores(setup.model, setup.evals)
+    rows = accuracy.fp_rows(setup.name, fp)
     chosen = range(len(SETTINGS)) if args.settings == "all" else [int(i) for i in args.settings.split(",")]
     side: list[dict] = []
     distill_seconds = None
     for i in chosen:
         method, wbits, calib_kind, iters = SETTINGS[i]
-        iters = int(round(iters * args.iters_scale))
+        iters = max(1, int(round(iters * args.iters_scale))) if iters else 0
         extra = {}
         if calib_kind == "real":
-            calib = real
+            calib = setup.real
         else:
             pool = args.pool
             if pool is None:
-                pool, distill_seconds = distill_pool(assets, tempfile.mkdtemp(prefix="dfq-peer-pool-"), args)
+                pool, distill_seconds = distill_pool(setup, tempfile.mkdtemp(prefix="dfq-peer-pool-"), args)
                 extra["distill_seconds"] = round(distill_seconds, 1)
                 extra["distill_s_per_iter_per_batch"] = round(
                     distill_seconds / args.distill_iters / max(1, args.distill_images // args.distill_batch),
                     3,
                 )
-            calib = load_calibration(pool, transform, args.distill_images)
+            calib = load_calibration(pool, setup.transform, args.distill_images)
         config = QuantConfig(wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement)
-        seconds, scores, qmodel = accuracy.quantize_and_evaluate(model, calib, config, evals)
+        seconds, scores, qmodel = accuracy.quantize_and_evaluate(
+            setup.model, calib, config, setup.evals, progress=not args.tiny
+        )
         s_iter = sum(qmodel._dfq_meta["seconds_per_iter"].values()) if iters else 0.0
         new = accuracy.rows_for(
-            "cifar_resnet20", fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
+            setup.name, fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
             n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1), s_per_iter_all_units=round(s_iter, 4),
             placement=args.placement, **extra,
         )  # fmt: skip
@@ -139,22 +203,30 @@ def run(args: argparse.Namespace) -> int:
         by = {r["dataset"]: r["top1"] for r in new}
         side.append(
             {
-                "setting": f"W{wbits}A4 {method} {calib_kind}", "placement": args.placement, "iters": iters, "n_calib": int(calib.shape[0]),
-                "ours_lossless": by.get("cifar10-lossless-1017"), "peer_lossless": peer[0],
-                "ours_jpeg": by.get("cifar10-jpeg-7959"), "peer_jpeg": peer[1],
+                "setting": f"W{wbits}A4 {method} {calib_kind}", "placement": args.placement, "iters": iters,
+                "n_calib": int(calib.shape[0]), "ours_lossless": by[setup.lossless], "peer_lossless": peer[0],
+                "ours_jpeg": by[setup.jpeg], "peer_jpeg": peer[1],
                 "ours_seconds": round(seconds, 1), "peer_seconds": peer[2],
                 "time_ratio": round(seconds / peer[2], 3), "s_per_iter_all_units": round(s_iter, 4), **extra,
             }
         )  # fmt: skip
         print(json.dumps(side[-1]))
-        _write_side(results, side, distill_seconds)
+        _write_side(results, side, distill_seconds, setup)
     return 0
 
 
-def _write_side(results: Path, side: list[dict], distill_seconds: float | None) -> None:
+def _write_side(results: Path, side: list[dict], distill_seconds: float | None, setup: Setup) -> None:
     lines = [
         "# Side by side with Genie (PEERS.md), CIFAR-10 ResNet-20",
         "",
+        *(
+            [
+                f"**Tiny CI form** ({setup.name}, {setup.lossless}): shape of the report only, not a comparison.",
+                "",
+            ]
+            if setup.name != "cifar_resnet20"
+            else []
+        ),
         f"Ours measured by `dfq bench peer` on {report.device_string()}, {report.today()}; "
         "peer figures from PEERS.md (same machine kind, same split, same layers at 8 bits).",
         "",
@@ -177,29 +249,6 @@ def _write_side(results: Path, side: list[dict], distill_seconds: float | None) 
     (results / "peer_compare.json").write_text(
         json.dumps({"device": report.device_string(), "date": report.today(), "rows": side}, indent=1) + "\n"
     )
-
-
-def _run_tiny(args: argparse.Namespace) -> int:
-    """CI form: the same code path at a toy scale (random ResNet-20, 2 iterations), temp results."""
-    out = (
-        Path(args.results)
-        if args.results != "benchmarks/results"
-        else Path(tempfile.mkdtemp(prefix="dfq-peer-"))
-    )
-    ns = argparse.Namespace(**{**vars(args), "results": str(out)})
-    _, rows = accuracy.tiny_rows(ns)
-    q = next(r for r in rows if r["method"] == "genie-m")  # the measured toy row, not invented values
-    lossless, jpeg, seconds = PEER[("genie-m", 4, "real")]
-    side = [
-        {
-            "setting": f"W4A4 genie-m {q['calib']} (tiny, {q['dataset']})", "iters": q["iters"],
-            "n_calib": q["n_calib"], "ours_lossless": q["top1"], "peer_lossless": lossless, "ours_jpeg": q["top1"],
-            "peer_jpeg": jpeg, "ours_seconds": q["seconds"], "peer_seconds": seconds,
-            "time_ratio": round(q["seconds"] / seconds, 4),
-        }
-    ]  # fmt: skip
-    _write_side(out, side, None)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-jpeg", action="store_true", help="skip the JPEG 7,959 set (lossless slice only)")
     p.add_argument("--device", default="cpu", help="torch device for calibration and evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--calib",
+        default="real",
+        help="real (the ASSETS.md draw) or <label>=<pool dir>, e.g. bn-distill=pool/ (draws of 32 from the pool)",
+    )
+    p.add_argument(
+        "--recon-iters", type=int, default=0, help="block reconstruction iterations per block (0: none)"
+    )
+    p.add_argument("--recon-images", type=int, default=1024, help="images the reconstruction reads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CI form: random small ViT and tensors, temp results")
 
@@ -107,8 +116,14 @@ def run_settings(
     seed: int = 0,
     progress: bool = True,
     calib_label: str = "real",
+    recon_iters: int = 0,
+    pool: torch.Tensor | None = None,
 ) -> list[dict]:
-    """fp32 rows, then one quantized row per bits x draw x eval set; written as they come; merged rows."""
+    """fp32 rows, then one quantized row per bits x draw x eval set; written as they come; merged rows.
+
+    With `recon_iters`, each draw is followed by block reconstruction on `pool` (draw k moved first,
+    so the RepQ initialisation still sees exactly draw k) and rows carry `iters=recon_iters`.
+    """
     from quant.ptq import QuantConfig
 
     fp = accuracy.fp_scores(model, evals)
@@ -119,13 +134,17 @@ def run_settings(
         # The ViT path calibrates without iterations; `method`/`iters` of the CNN config are unused.
         config = QuantConfig(wbits=wbits, abits=abits, method="rtn", iters=0, seed=seed, device=device)
         for k, calib in enumerate(draws):
-            seconds, scores, qmodel = accuracy.quantize_and_evaluate(
-                model, calib, config, evals, progress=False
-            )
+            if recon_iters:
+                calib = _draw_first(calib, pool, k)
+                seconds, scores, qmodel = _recon_and_evaluate(model, calib, config, recon_iters, evals)
+            else:
+                seconds, scores, qmodel = accuracy.quantize_and_evaluate(
+                    model, calib, config, evals, progress=False
+                )
             seconds = getattr(qmodel, "calibration_seconds", seconds)
             new = accuracy.rows_for(
                 model_name, fp, scores, wbits=wbits, abits=abits, calib=calib_label, method=METHOD,
-                n_calib=int(calib.shape[0]), iters=0, seconds=round(seconds, 2), draw=k,
+                n_calib=int(calib.shape[0]), iters=recon_iters, seconds=round(seconds, 2), draw=k,
             )  # fmt: skip
             rows += new
             merged = _write(results, rows, calib_label)
@@ -136,6 +155,35 @@ def run_settings(
                     flush=True,
                 )
     return merged
+
+
+def _draw_first(draw: torch.Tensor, pool: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The reconstruction set: draw k (the pool's images 32k..32k+31), then the pool's other images."""
+    if pool is None:
+        return draw
+    lo, hi = k * DRAW_SIZE, (k + 1) * DRAW_SIZE
+    if not torch.equal(pool[lo:hi], draw):
+        raise ValueError(f"draw {k} is not images {lo}..{hi - 1} of the reconstruction pool")
+    return torch.cat([pool[lo:hi], pool[:lo], pool[hi:]])
+
+
+def _recon_and_evaluate(model, calib: torch.Tensor, config, iters: int, evals: dict) -> tuple:
+    """RepQ-ViT calibration on calib[:32], then `iters` reconstruction iterations a block on all of calib."""
+    import time
+    from types import SimpleNamespace
+
+    from quant.evaluate import evaluate
+    from quant.vit import quantize_vit
+
+    settings = SimpleNamespace(
+        wbits=config.wbits, abits=config.abits, seed=config.seed, device=config.device,
+        calib_size=DRAW_SIZE, recon_iters=iters, recon_images=int(calib.shape[0]),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    qmodel = quantize_vit(model, calib, settings)
+    seconds = time.perf_counter() - t0
+    scores = {name: evaluate(qmodel, data, progress=False) for name, data in evals.items()}
+    return seconds, scores, qmodel
 
 
 def fp_line(fp: dict) -> str:
@@ -163,7 +211,7 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
         if r["method"] == "fp32":
             top1.setdefault("fp32", {}).setdefault(r["dataset"], []).append((0, r["top1"]))
         elif r["method"] == METHOD and r["calib"] == calib_label and r.get("draw") is not None:
-            name = _bits_name(r)
+            name = _bits_name(r) + (f" +recon {r['iters']}" if r.get("iters") else "")
             top1.setdefault(name, {}).setdefault(r["dataset"], []).append((r["draw"], r["top1"]))
             secs.setdefault(name, {})[r["draw"]] = r["seconds"]
 
@@ -230,7 +278,7 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
     lines += [header, rule]
     for name in names:
         by_ds = summary["top1"][name]
-        peer = PEER.get(name)
+        peer = PEER.get(name.split(" ")[0])
         draws = sorted({d for s in by_ds.values() for d in s["draws"]}) if name != "fp32" else []
         cells = f"| {name} | {','.join(map(str, draws)) or '-'} |"
         for ds in datasets:
@@ -255,7 +303,7 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
     for name in names:
         if name == "fp32":
             continue
-        peer = PEER.get(name)
+        peer = PEER.get(name.split(" ")[0])
         cells = f"| {name} |"
         for ds in datasets:
             v = summary["top1"][name].get(ds, {}).get("by_draw", {}).get(0)
@@ -271,10 +319,19 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         f"- PEERS.md: RepQ-ViT's W4A4 on four other 32-image batches gave {lo_l:.2f}-{hi_l:.2f} on the",
         f"  lossless slice and {lo_j:.2f}-{hi_j:.2f} on the JPEG set; its single draw-0 figure is one",
         "  sample of that spread, so compare our mean and range with it, not one draw.",
-        "- Block reconstruction for ViTs is not implemented yet (the CNN path's `reconstruct.py` is not",
-        "  wired to transformer blocks), so there are no ViT rows with iterations > 0.",
-        "- A data-free ViT pool is not implemented yet: bn-distill needs BatchNorm statistics and this ViT",
-        "  has LayerNorm only, so there are no data-free (`bn-distill`, `sd-*`) rows for it.",
+        *(
+            [
+                "- `+recon N` rows: the same RepQ-ViT calibration on the draw's 32 images, then block reconstruction",
+                "  (`quant.vit.reconstruct`: AdaRound + learned weight and activation steps + QDrop's input mix,",
+                "  N iterations per block, batch 32) on 1,024 images of the calibration draw with draw k's first;",
+                "  their seconds include the reconstruction. The peer column repeats RepQ-ViT's figure.",
+            ]
+            if any("+recon" in n for n in names)
+            else ["- No block-reconstruction rows in this file (`--recon-iters` adds them)."]
+        ),
+        "- Data-free: bn-distill needs BatchNorm statistics and this ViT has LayerNorm only, so it cannot",
+        "  distill from the ViT itself; `--calib bn-distill=<pool>` calibrates on a pool distilled from another",
+        "  CIFAR-10 model (the ResNet-20) instead: see 'Other calibration sources' below when present.",
         "- Calibration seconds are the wall time of our calibration (copy, convert, one forward pass over",
         "  the 32 images, re-parameterization) on the machine above; the peer's ~7 s are from PEERS.md.",
         "",
@@ -282,17 +339,57 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
     return "\n".join(lines)
 
 
+def other_pools_markdown(rows: list[dict], model_name: str, main_label: str) -> str:
+    """A section per other calibration source (data-free pools): mean (min-max) over draws and the
+    gap to the main source's mean."""
+    labels = sorted({r["calib"] for r in rows} - {"none", main_label})
+    if not labels:
+        return ""
+    main = summarise(rows, model_name, main_label)["top1"]
+    datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != LOSSLESS, d != JPEG, d))
+    lines = [
+        "## Other calibration sources",
+        "",
+        "Same path and draws of 32 images, taken from the pool (draw k = its images 32k..32k+31);",
+        f"Δ is against the {main_label}-image mean of the same setting.",
+        "",
+    ]
+    for label in labels:
+        summary = summarise(rows, model_name, label)["top1"]
+        lines += [
+            f"### {label}",
+            "",
+            "| bits |" + "".join(f" {ds} | Δ {main_label} |" for ds in datasets),
+            "|---|" + "---|---|" * len(datasets),
+        ]
+        for name in sorted(n for n in summary if n != "fp32"):
+            cells = f"| {name} |"
+            for ds in datasets:
+                cur, ref = summary[name].get(ds), main.get(name, {}).get(ds)
+                delta = f"{cur['mean'] - ref['mean']:+.2f}" if cur and ref else "-"
+                cells += f" {_cell(cur)} | {delta} |"
+            lines.append(cells)
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write_compare(results: Path, merged: list[dict], model_name: str, calib_label: str = "real") -> None:
     """`vit_compare.md` and `vit_compare.json` from the rows of `model_name` in the merged accuracy.json."""
     results = Path(results)
     mine = [r for r in merged if r["model"] == model_name and (r["method"] in ("fp32", METHOD))]
-    (results / "vit_compare.md").write_text(compare_markdown(mine, model_name, calib_label))
+    main_label = "real" if any(r["calib"] == "real" for r in mine) else calib_label
+    text = compare_markdown(mine, model_name, main_label) + other_pools_markdown(mine, model_name, main_label)
+    (results / "vit_compare.md").write_text(text)
     payload = {
         "device": sorted({r["device"] for r in mine}),
         "date": report.today(),
         "model": model_name,
         "peer": {k: {"lossless": v[0], "jpeg": v[1], "seconds": v[2]} for k, v in PEER.items()},
-        "summary": summarise(mine, model_name, calib_label),
+        "summary": summarise(mine, model_name, main_label),
+        "summary_by_calib": {
+            label: summarise(mine, model_name, label)
+            for label in sorted({r["calib"] for r in mine} - {"none"})
+        },
         "rows": mine,
     }
     tmp = results / "vit_compare.json.tmp"
@@ -323,9 +420,28 @@ def run(args: argparse.Namespace) -> int:
         name: _materialise(data)
         for name, data in accuracy.eval_sets("cifar10", assets, cfg, transform, which).items()
     }
-    draws = calibration_draws(assets, transform, args.draws)
+    label = "real"
+    if args.calib == "real":
+        draws = calibration_draws(assets, transform, args.draws)
+        pool = None
+        if args.recon_iters:
+            pool = torch.cat(calibration_draws(assets, transform, args.recon_images // DRAW_SIZE))
+    else:
+        from quant.data import load_calibration
+
+        label, _, source = args.calib.partition("=")
+        if not source or label not in report.CALIB_SOURCES:
+            raise SystemExit(
+                f"--calib {args.calib!r}: use real or <{'|'.join(report.CALIB_SOURCES)}>=<pool dir>"
+            )
+        n = max(args.draws * DRAW_SIZE, args.recon_images if args.recon_iters else 0)
+        pool = load_calibration(source, transform, n)
+        draws = [pool[k * DRAW_SIZE : (k + 1) * DRAW_SIZE] for k in range(args.draws)]
     results = Path(args.results)
-    run_settings(MODEL, model, evals, draws, bits, results, device=args.device, seed=args.seed)
+    run_settings(
+        MODEL, model, evals, draws, bits, results, device=args.device, seed=args.seed, calib_label=label,
+        recon_iters=args.recon_iters, pool=pool,
+    )  # fmt: skip
     print(results / "vit_compare.md")
     return 0
 
@@ -354,6 +470,8 @@ def _run_tiny(args: argparse.Namespace) -> int:
         out,
         progress=False,
         calib_label="noise",
+        recon_iters=args.recon_iters,
+        pool=images if args.recon_iters else None,
     )
     print(out / "vit_compare.md")
     return 0

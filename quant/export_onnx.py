@@ -1,4 +1,4 @@
-"""Export to ONNX: the float model, and our own fake-quantized CNN as a QDQ graph.
+"""Export to ONNX: the float model, and our own fake-quantized CNN or ViT as a QDQ graph.
 
 `export_qdq` writes the grids `quant.ptq.quantize_model` calibrated, as the QDQ convention every
 ONNX backend reads (ONNX Runtime, TensorRT, OpenVINO):
@@ -10,6 +10,11 @@ ONNX backend reads (ONNX Runtime, TensorRT, OpenVINO):
 - each activation quantizer (`quant.modules.QuantAct`, per-tensor, unsigned) becomes a
   `QuantizeLinear -> DequantizeLinear` pair (uint8) at the same place in the graph, with our
   calibrated (LSQ-learned) scale and zero point.
+
+The ViT path's layers (`quant.vit.layers`) export the same way: Linear and patch-embedding weights
+as integers + DequantizeLinear, their per-tensor input grids and the uniform operands of the
+attention products as Q/DQ pairs; the post-softmax log grid has no affine form and is exported as
+its float emulation (Log, Round, Clip, Pow, Where).
 
 A b-bit grid with b < 8 lies inside the 8-bit type but the type saturates only at its own ends, so
 a `Clip` to the grid's float range `[(qmin - z) s, (qmax - z) s]` precedes the QuantizeLinear:
@@ -38,6 +43,7 @@ from torch import nn
 from .errors import QuantError
 from .fold import set_submodule
 from .modules import QuantAct, QuantConv2d, QuantLinear
+from .quantizers import UniformQuantizer
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 17  # QuantizeLinear per-axis needs 13; 17 is what every current backend reads
@@ -163,11 +169,16 @@ def _type_range(dtype: torch.dtype) -> tuple[int, int]:
 
 
 class _ExportAct(nn.Module):
-    """Stands in for a `QuantAct` in the export copy: its grid as constants, QDQ on the way out."""
+    """Stands in for a per-tensor activation grid in the export copy (a `QuantAct`'s, or a ViT
+    layer's input quantizer): the grid as constants, QDQ on the way out."""
 
-    def __init__(self, act: QuantAct, name: str) -> None:
+    # read by the ViT layers' "needs calibration?" check: this grid is final
+    enabled, observing, initialized = True, False, True
+
+    def __init__(self, q: UniformQuantizer, name: str) -> None:
         super().__init__()
-        q = act.quant
+        if q.scale.numel() != 1:
+            raise QuantError(f"{name}: per-channel activation grid; export needs per-tensor ones")
         scale = q.scale.detach().float().reshape(())
         zp = q.zero_point.detach().float().reshape(())
         if zp != zp.round() or not (q.qmin <= zp <= q.qmax):
@@ -187,9 +198,10 @@ class _ExportAct(nn.Module):
 
 
 def _integer_weight(
-    layer: QuantConv2d | QuantLinear, name: str
+    layer: nn.Module, name: str, wq: UniformQuantizer | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """(integer weight, scale, zero point, qmin, qmax) of the weight the layer's forward uses."""
+    """(integer weight, scale, zero point, qmin, qmax) of the weight the layer's forward uses
+    (its AdaRound decision if it has one, else nearest rounding on `wq`, default `layer.wq`)."""
     w = layer.weight.detach().float()
     if layer.ada is not None:
         ada = layer.ada
@@ -198,8 +210,9 @@ def _integer_weight(
         q = ada.integer_weight()
         scale, zp, qmin, qmax = ada.scale.detach(), ada.zero_point.detach(), ada.qmin, ada.qmax
     else:
-        layer.calibrate_weight()
-        wq = layer.wq
+        if wq is None:
+            layer.calibrate_weight()
+            wq = layer.wq
         scale, zp = wq.shaped(w)
         scale, zp, qmin, qmax = scale.detach(), zp.detach(), wq.qmin, wq.qmax
         q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax)
@@ -214,9 +227,23 @@ def _per_channel(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
     return first.contiguous()
 
 
-def _attach_weight_dq(layer: QuantConv2d | QuantLinear, name: str) -> None:
-    """Make `layer.quantized_weight()` (in the copy) a DequantizeLinear of its integer weight."""
-    q, scale, zp, qmin, qmax = _integer_weight(layer, name)
+class _ExportWeight(nn.Module):
+    """An integer weight + per-channel grid that exports as DequantizeLinear (call it with anything)."""
+
+    def __init__(self, q, scale, zero_point, axis: int | None) -> None:
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+
+    def forward(self, *_ignored: torch.Tensor) -> torch.Tensor:
+        return _WeightDQ.apply(self.q, self.scale, self.zero_point, self.axis)
+
+
+def _weight_dq(layer: nn.Module, name: str, wq: UniformQuantizer | None = None) -> _ExportWeight:
+    """The layer's quantized weight as an `_ExportWeight` (integers, scales, zero points)."""
+    q, scale, zp, qmin, qmax = _integer_weight(layer, name, wq)
     dtype = _int_dtype(qmin, qmax, name)
     scale_c, zp_c = _per_channel(scale, name, "scale"), _per_channel(zp, name, "zero point")
     if not torch.equal(zp_c, zp_c.round()):
@@ -225,12 +252,18 @@ def _attach_weight_dq(layer: QuantConv2d | QuantLinear, name: str) -> None:
     axis = None if per_tensor else 0
     if per_tensor:
         scale_c, zp_c = scale_c[0], zp_c[0]
-    layer.register_buffer("onnx_qweight", q.to(dtype))
-    layer.register_buffer("onnx_wscale", scale_c.clone())
-    layer.register_buffer("onnx_wzero_point", zp_c.to(dtype))
+    return _ExportWeight(q.to(dtype), scale_c.clone(), zp_c.to(dtype), axis)
+
+
+def _attach_weight_dq(layer: QuantConv2d | QuantLinear, name: str) -> None:
+    """Make `layer.quantized_weight()` (in the copy) a DequantizeLinear of its integer weight."""
+    w = _weight_dq(layer, name)
+    layer.register_buffer("onnx_qweight", w.q)
+    layer.register_buffer("onnx_wscale", w.scale)
+    layer.register_buffer("onnx_wzero_point", w.zero_point)
     # an instance attribute shadows the class method: the layer's own forward stays in charge
     layer.quantized_weight = lambda: _WeightDQ.apply(  # type: ignore[method-assign]
-        layer.onnx_qweight, layer.onnx_wscale, layer.onnx_wzero_point, axis
+        layer.onnx_qweight, layer.onnx_wscale, layer.onnx_wzero_point, w.axis
     )
 
 
@@ -266,7 +299,7 @@ def qdq_copy(qmodel: nn.Module) -> tuple[nn.Module, int, int]:
         if isinstance(module, QuantAct):
             handled.update(id(m) for m in module.modules())
             if module.enabled and module.quant.enabled:
-                set_submodule(model, name, _ExportAct(module, name))
+                set_submodule(model, name, _ExportAct(module.quant, name))
                 n_acts += 1
             else:
                 set_submodule(model, name, nn.Identity())
@@ -275,13 +308,59 @@ def qdq_copy(qmodel: nn.Module) -> tuple[nn.Module, int, int]:
             if module.quant_weight and module.wq.enabled:
                 _attach_weight_dq(module, name)
                 n_weights += 1
+    vit_w, vit_a = _vit_to_qdq(model, handled)
+    n_weights, n_acts = n_weights + vit_w, n_acts + vit_a
     others = [n for n, m in model.named_modules() if _is_quantizer(m) and id(m) not in handled]
     if others:
         raise QuantError(
-            f"export_qdq handles the CNN fake-quant modules of quant.modules; {len(others)} other "
-            f"quantizers are active (e.g. {others[0]}): the ViT path has no QDQ export yet"
+            f"export_qdq handles the fake-quant modules of quant.modules and quant.vit; {len(others)} "
+            f"other quantizers are active (e.g. {others[0]})"
         )
     return model, n_weights, n_acts
+
+
+def _vit_to_qdq(model: nn.Module, handled: set[int]) -> tuple[int, int]:
+    """The ViT path's layers in the export copy: integer weights + DQ, per-tensor inputs as Q/DQ.
+
+    Post-softmax log grids have no QDQ form (ONNX's Q/DQ are affine): they stay as their float
+    emulation (Log, Round, Clip, Pow), which every backend runs, and are counted by neither total.
+    """
+    try:
+        from .vit.layers import QuantConv2d as VitConv
+        from .vit.layers import QuantLinear as VitLinear
+        from .vit.layers import QuantMatMul
+        from .vit.quantizers import LogQuantizer
+    except ImportError:  # the ViT path needs timm
+        return 0, 0
+    n_weights = n_acts = 0
+
+    def act(parent: nn.Module, attr: str, name: str) -> None:
+        nonlocal n_acts
+        q = getattr(parent, attr)
+        handled.update(id(m) for m in q.modules())
+        if isinstance(q, LogQuantizer) or not q.enabled:
+            return
+        setattr(parent, attr, _ExportAct(q, f"{name}.{attr}"))
+        n_acts += 1
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (VitLinear, VitConv)):
+            handled.update(id(m) for m in module.weight_quantizer.modules())
+            if getattr(module, "ada", None) is not None:
+                handled.update(id(m) for m in module.ada.modules())
+            if not module.quant_enabled:
+                continue
+            if module.weight_quantizer.enabled:
+                if not hasattr(module, "ada"):
+                    module.ada = None
+                module.weight_quantizer = _weight_dq(module, name, module.weight_quantizer)
+                module.ada = None
+                n_weights += 1
+            act(module, "input_quantizer", name)
+        elif isinstance(module, QuantMatMul) and module.quant_enabled:
+            act(module, "quantizer_a", name)
+            act(module, "quantizer_b", name)
+    return n_weights, n_acts
 
 
 def export_qdq(

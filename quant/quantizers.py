@@ -244,6 +244,12 @@ class AdaRoundQuantizer(nn.Module):
         self.soft = True
         self._last_h: torch.Tensor | None = None  # h(alpha) of the latest soft forward
 
+    def __getstate__(self) -> dict:
+        # the cached h(alpha) belongs to one training step's graph: never copied or pickled
+        state = self.__dict__.copy()
+        state["_last_h"] = None
+        return state
+
     def h(self) -> torch.Tensor:
         """Rectified sigmoid rounding offset in [0, 1]."""
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)

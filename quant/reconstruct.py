@@ -136,7 +136,7 @@ def reconstruct_unit(
     elapsed = time.perf_counter() - start
 
     for r in roundings:
-        r.soft = False
+        r.soft, r._last_h = False, None
         r.requires_grad_(False)
     for q in acts:
         q.drop_prob = 0.0

@@ -166,3 +166,39 @@ def test_refuses_what_it_cannot_export(float_model: nn.Module, w4a4: nn.Module, 
     layer.start_adaround(learn_scale=False)  # soft rounding: not a fixed integer weight yet
     with pytest.raises(QuantError, match="still soft"):
         export_qdq(soft, _inputs(2), tmp_path / "s.onnx")
+
+
+def test_layer_input_placement_exports(float_model: nn.Module, calib: torch.Tensor, tmp_path: Path) -> None:
+    """Genie's graph (float identity skips) exports too: fewer Q/DQ pairs, same agreement."""
+    cfg = QuantConfig(wbits=4, abits=4, method="rtn", placement="layer-input")
+    qmodel = quantize_model(float_model, calib, cfg, progress=False)
+    result = export_qdq(qmodel, _inputs(), tmp_path / "li.onnx")
+    assert result.argmax_agreement == 1.0 and result.max_abs_diff < 1e-5 * result.logit_scale
+
+
+@pytest.mark.parametrize("recon", [0, 20])
+def test_vit_exports_as_qdq(recon: int, tmp_path: Path) -> None:
+    """The ViT path: every Linear/patch-embedding weight as integers + DequantizeLinear, every uniform
+    activation grid as Q/DQ, the post-softmax log grid as its float emulation; logits agree."""
+    from types import SimpleNamespace
+
+    import timm
+
+    from quant.vit import quantize_vit
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
+    ).eval()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    cfg = SimpleNamespace(wbits=4, abits=4, recon_iters=recon, recon_images=16)
+    qvit = quantize_vit(vit, x, cfg)
+    result = export_qdq(qvit, x, tmp_path / "vit.onnx")
+    # 2 blocks x (qkv, proj, fc1, fc2) + patch embedding + head
+    assert result.weight_layers == 10
+    # the 10 layers' inputs + q and k of each block's q @ k^T + v of attn @ v (attn itself: log grid)
+    assert result.act_quantizers == 10 + 2 * 3
+    assert result.argmax_agreement == 1.0 and result.max_abs_diff < 1e-4 * result.logit_scale
+    graph = onnx.load(str(result.path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("DequantizeLinear") == 10 + 16 and ops.count("QuantizeLinear") == 16

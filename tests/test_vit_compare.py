@@ -32,10 +32,24 @@ def test_tiny_form_writes_rows_and_side_by_side(tmp_path):
     assert q["fp_top1"] == fp["top1"] and q["seconds"] >= 0
 
     md = (tmp_path / "vit_compare.md").read_text()
-    assert "RepQ-ViT" in md and "| W4A4 |" in md and "not implemented yet" in md
+    assert "RepQ-ViT" in md and "| W4A4 |" in md and "distill from the ViT itself" in md
     side = json.loads((tmp_path / "vit_compare.json").read_text())
     assert side["rows"] == rows and side["device"] and side["date"]
     assert side["summary"]["top1"]["W4A4"]["random-64"]["n"] == 1
+
+
+def test_tiny_form_with_block_reconstruction(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        args = ["--tiny", "--threads", "1", "--recon-iters", "3", "--results", str(tmp_path)]
+        assert vit_compare.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "accuracy.json").read_text())
+    q = next(r for r in rows if r["method"] == "repq-vit")
+    assert (q["iters"], q["n_calib"], q["draw"]) == (3, 64, 0)  # 32-image init + the 64-image pool
+    md = (tmp_path / "vit_compare.md").read_text()
+    assert "| W4A4 +recon 3 |" in md and "`+recon N` rows" in md
 
 
 def test_summary_over_draws_and_peer_columns():
@@ -54,3 +68,13 @@ def test_summary_over_draws_and_peer_columns():
     md = vit_compare.compare_markdown(rows, "cifar10_vit")
     assert "70.00 (69.00-71.00) | 69.71 | +0.29" in md
     assert "| W4A4 | 69.00 | 69.71 |" in md  # the draw-0 table
+
+
+def test_data_free_rows_get_their_own_section_against_real():
+    base = dict(model="cifar10_vit", method="repq-vit", n_calib=32, iters=0, n_eval=1017, top5=99.0,
+                fp_top1=71.88, seconds=1.0, dataset=vit_compare.LOSSLESS, wbits=4, abits=4)  # fmt: skip
+    rows = [report.make_row(**base, calib="real", top1=70.0, draw=k) for k in range(2)]
+    rows += [report.make_row(**base, calib="bn-distill", top1=t, draw=k) for k, t in enumerate((66.0, 67.0))]
+    md = vit_compare.other_pools_markdown(rows, "cifar10_vit", "real")
+    assert "### bn-distill" in md and "| W4A4 | 66.50 (66.00-67.00) | -3.50 |" in md
+    assert vit_compare.other_pools_markdown(rows[:2], "cifar10_vit", "real") == ""

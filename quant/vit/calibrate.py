@@ -12,7 +12,8 @@ The steps, in order (`quantize_vit`):
    its LayerNorm and Linear, leaving per-tensor grids only, and those Linears' weight grids are
    refitted to their new weights.
 
-Not here (yet): block reconstruction of ViT blocks with the CNN path's `reconstruct.py`.
+4. optionally (`recon_iters > 0`), block reconstruction on top (`reconstruct.py`: AdaRound + learned
+   weight and activation steps + QDrop's input mix, block by block against the float outputs).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class ViTQuantSettings:
     reparam: bool = True
     fold_head: bool = True
     log_sqrt2_only: bool = False
+    #: block reconstruction on top of the calibration (0: none); it reads `recon_images` images
+    recon_iters: int = 0
+    recon_images: int = 1024
 
     @classmethod
     def from_config(cls, config: object, **overrides: object) -> ViTQuantSettings:
@@ -59,8 +63,10 @@ class ViTQuantSettings:
             check_bits(s.first_last_bits, "first_last_bits")
         if s.head_wbits is not None:
             check_bits(s.head_wbits, "head_wbits")
-        if isinstance(s.calib_size, bool) or not isinstance(s.calib_size, int) or s.calib_size < 1:
-            raise QuantError(f"calib_size must be a positive integer, got {s.calib_size!r}")
+        for name, low in (("calib_size", 1), ("recon_iters", 0), ("recon_images", 1)):
+            v = getattr(s, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise QuantError(f"{name} must be an integer >= {low}, got {v!r}")
         return s
 
 
@@ -96,7 +102,7 @@ def quantize_vit(
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)
-    qmodel = copy.deepcopy(model).eval().to(device)
+    qmodel = copy.deepcopy(model).eval().to(device).requires_grad_(False)  # only quantizer params train
     pairs = norm_linear_pairs(qmodel, include_head=settings.fold_head)
     edge_w = settings.first_last_bits or settings.wbits
     edge_a = settings.first_last_bits or settings.abits
@@ -114,4 +120,13 @@ def quantize_vit(
         for norm_name, linear_name in pairs:
             fold_input_scales(qmodel.get_submodule(norm_name), qmodel.get_submodule(linear_name))
     qmodel.calibration_seconds = time.perf_counter() - start
+    if settings.recon_iters > 0:
+        from ..reconstruct import ReconSettings
+        from .reconstruct import reconstruct_vit
+
+        recon = ReconSettings(iters=settings.recon_iters, round_weight=1.0)  # Genie-M's published values
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+        results = reconstruct_vit(qmodel, calib[: settings.recon_images].to(device), recon, generator)
+        qmodel.reconstruction_history = {n: r.loss for n, r in results.items()}
+        qmodel.calibration_seconds = time.perf_counter() - start
     return qmodel

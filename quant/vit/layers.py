@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantizers import AdaRoundQuantizer
 from .quantizers import (
     LogQuantizer,
     LogSqrt2Quantizer,
@@ -49,6 +50,7 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.input_quantizer = SearchedUniformQuantizer(abits, ch_axis=-1 if per_channel_input else None)
         self.weight_quantizer = weight_quantizer(wbits)
+        self.ada: AdaRoundQuantizer | None = None  # learned rounding, set by block reconstruction
         self.quant_enabled = True
         self.recalibrate_weight()
 
@@ -60,7 +62,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        weight = self.weight_quantizer(self.weight)
+        weight = self.ada() if self.ada is not None else self.weight_quantizer(self.weight)
         if needs_calibration(self.input_quantizer):
             self.input_quantizer.calibrate(x, output_error(lambda t: F.linear(t, weight), x))
         return F.linear(self.input_quantizer(x), weight, self.bias)

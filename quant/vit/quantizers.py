@@ -137,7 +137,10 @@ class LogQuantizer(nn.Module):
         underflow = code >= self.levels
         code = code.clamp(0, self.levels - 1)
         out = delta * torch.pow(2.0, -code / m)
-        return torch.where(underflow, torch.zeros_like(out), out)
+        out = torch.where(underflow, torch.zeros_like(out), out)
+        # straight-through: rounding has no gradient, and without this block reconstruction would
+        # see none through the attention map (q, k and everything before them in the block)
+        return x + (out - x).detach() if x.requires_grad else out
 
     def integer_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log2 form for an integer kernel: value = delta * 2**(-shift) * 2**(mantissa / m).

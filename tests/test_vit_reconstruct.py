@@ -1,0 +1,65 @@
+"""Optional block reconstruction on top of the RepQ-ViT calibration (quant.vit.reconstruct), tiny models."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from quant.vit import quantize_vit, set_quant_enabled
+from quant.vit.reconstruct import transformer_blocks
+from tests.test_vit import _make
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _block_error(q, model, name: str, x: torch.Tensor) -> float:
+    """Squared error of one block's quantized output against the float model's, on the same input."""
+    block = q.get_submodule(name)
+    seen = {}
+    h = block.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    with torch.no_grad():
+        set_quant_enabled(q, False)
+        q(x)
+        x_fp, y_fp = seen["x"], seen["y"]
+        set_quant_enabled(q, True)
+        out = block(x_fp)
+    h.remove()
+    return (out - y_fp).pow(2).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_block_names_in_execution_order(name: str) -> None:
+    blocks = transformer_blocks(_make(name))
+    assert blocks == (["blocks.0", "blocks.1"] if name == "vit" else
+                      ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"])  # fmt: skip
+
+
+def test_reconstruction_lowers_block_error_and_leaves_hard_rounding() -> None:
+    model = _make("vit")
+    g = torch.Generator().manual_seed(3)
+    calib, held_out = torch.randn(64, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g)
+    cfg = dict(wbits=3, abits=4, seed=0)
+    base = quantize_vit(model, calib, SimpleNamespace(**cfg))
+    rec = quantize_vit(model, calib, SimpleNamespace(**cfg, recon_iters=300, recon_images=64))
+    assert set(rec.reconstruction_history) == {"blocks.0", "blocks.1"}
+    for curve in rec.reconstruction_history.values():
+        assert len(curve) == 300 and all(torch.isfinite(torch.tensor(curve)))
+    # on held-out inputs, each block (hard rounding, no dropping) now tracks the float block better
+    for block in ("blocks.0", "blocks.1"):
+        assert _block_error(rec, model, block, held_out) < 0.95 * _block_error(base, model, block, held_out)
+    with torch.no_grad():
+        ref = model(held_out)
+        assert (rec(held_out) - ref).pow(2).mean() < 0.7 * (base(held_out) - ref).pow(2).mean()
+    linears = [m for m in rec.modules() if getattr(m, "ada", None) is not None]
+    assert linears and all(not m.ada.soft and not m.ada.alpha.requires_grad for m in linears)
+    w = linears[0].ada()
+    assert torch.allclose(w / linears[0].ada.scale, (w / linears[0].ada.scale).round(), atol=1e-4)
+    assert not any(p.requires_grad for p in rec.parameters())

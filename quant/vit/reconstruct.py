@@ -84,7 +84,9 @@ def reconstruct_block(
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.enabled]
     roundings = []
     for layer in linears:
-        layer.ada = AdaRoundQuantizer(layer.weight_quantizer, layer.weight.detach(), learn_scale=s.learn_wscale)
+        layer.ada = AdaRoundQuantizer(
+            layer.weight_quantizer, layer.weight.detach(), learn_scale=s.learn_wscale
+        )
         roundings.append(layer.ada)
     acts = [
         m

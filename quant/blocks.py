@@ -279,7 +279,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> list[UnitInfo]:
     def after_quant(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
         produced[id(out)] = (out, names[mod])
 
-    last_out: list[torch.Tensor | None] = [None]
+    last_out: list[tuple[torch.Tensor, int] | None] = [None]
 
     def before_unit(mod: nn.Module, inp: tuple) -> None:
         if mod in seen:
@@ -287,10 +287,14 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> list[UnitInfo]:
         seen.add(mod)
         hit = produced.get(id(inp[0]))
         src = hit[1] if hit is not None and hit[0] is inp[0] else None
-        order.append(UnitInfo(names[mod], src, chained=last_out[0] is inp[0]))
+        # chained: the very tensor the previous unit returned, not modified in place since (an
+        # in-place activation between two units keeps the object but bumps its version counter)
+        prev = last_out[0]
+        chained = prev is not None and prev[0] is inp[0] and inp[0]._version == prev[1]
+        order.append(UnitInfo(names[mod], src, chained=chained))
 
     def after_unit(_mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        last_out[0] = out
+        last_out[0] = (out, out._version)
 
     for m in model.modules():
         if isinstance(m, QuantAct):

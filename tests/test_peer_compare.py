@@ -39,6 +39,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
         "W4A4 rtn real", "W4A4 genie-m real", "W4A4 genie-m bn-distill", "W2A4 rtn real", "W2A4 genie-m real",
     ]  # fmt: skip
     for r in side["rows"]:
-        assert r["peer_seconds"] > 0 and r["time_ratio"] == round(r["ours_seconds"] / r["peer_seconds"], 3)
+        # ours_seconds is rounded to 0.1 s, the ratio is taken before rounding
+        assert r["peer_seconds"] > 0 and abs(r["time_ratio"] - r["ours_seconds"] / r["peer_seconds"]) < 0.01
     md = (tmp_path / "peer_compare.md").read_text()
     assert "Tiny CI form" in md and "| W2A4 genie-m real, layer-input | 2 |" in md

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,26 +105,55 @@ def reconstruct_unit(
     layers = weight_layers(unit)
     roundings = [ada for layer in layers if (ada := layer.start_adaround(s.learn_wscale)) is not None]
     acts = [q for q in act_quantizers(unit) if q.enabled and q.quant.enabled]
-    drop = s.drop_prob > 0.0
-    masks = MaskPool(s.drop_prob, generator, x_q.device) if drop else None
+    masks = MaskPool(s.drop_prob, generator, x_q.device) if s.drop_prob > 0.0 else None
     for q in acts:
         q.drop_prob = s.drop_prob
         q.masks = masks
+    # Channels-last storage: oneDNN's conv backward is ~2x faster on it on CPU. Minibatches are
+    # gathered along dim 0 of the NHWC tensors and viewed back as (channels-last) NCHW.
+    x_q, x_fp, y_fp = (_to_nhwc(t) for t in (x_q, x_fp if masks is not None else None, y_fp))
+    try:
+        return optimise(
+            unit, roundings, [q.quant.scale for q in acts], x_q, x_fp, y_fp, s, generator, masks,
+            reconstruction_loss, progress, desc,
+        )  # fmt: skip
+    finally:
+        for q in acts:
+            q.drop_prob = 0.0
+            q.masks = None
 
-    alphas = [r.alpha for r in roundings]
-    scale_groups = [{"params": [q.quant.scale for q in acts], "lr": s.lr_act}]
+
+def optimise(
+    unit: nn.Module,
+    roundings: list,
+    act_scales: list[torch.Tensor],
+    x_q: torch.Tensor,
+    x_fp: torch.Tensor | None,
+    y_fp: torch.Tensor,
+    s: ReconSettings,
+    generator: torch.Generator,
+    masks: MaskPool | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    progress: bool = False,
+    desc: str = "",
+) -> ReconResult:
+    """The reconstruction loop shared by the CNN units and the ViT blocks.
+
+    Learns the AdaRound `roundings` (and, with `learn_wscale`, their steps) and the activation
+    steps `act_scales` so that `loss_fn(unit(input), y_fp)` falls; the input is a minibatch of `x_q`
+    mixed elementwise with `x_fp` by `masks` (QDrop; None = no mix). Tensors are stored as
+    `_to_nhwc` leaves them. On return the rounding is hard and nothing is trainable.
+    """
+    scale_groups = [{"params": list(act_scales), "lr": s.lr_act}]
     if s.learn_wscale:
         scale_groups.append({"params": [r.scale for r in roundings], "lr": s.lr_wscale})
     scale_groups = [g for g in scale_groups if g["params"]]
     # fused: one kernel per step instead of ~10 small ops per parameter (CPU and CUDA alike)
     fused = {"fused": True} if x_q.device.type in ("cpu", "cuda") else {}
-    opt_alpha = torch.optim.Adam(alphas, lr=s.lr_alpha, **fused) if alphas else None
+    opt_alpha = torch.optim.Adam([r.alpha for r in roundings], lr=s.lr_alpha, **fused) if roundings else None
     opt_scale = torch.optim.Adam(scale_groups, **fused) if scale_groups else None
     optimizers = [o for o in (opt_alpha, opt_scale) if o is not None]
 
-    # Channels-last storage: oneDNN's conv backward is ~2x faster on it on CPU. Minibatches are
-    # gathered along dim 0 of the NHWC tensors and viewed back as (channels-last) NCHW.
-    x_q, x_fp, y_fp = (_to_nhwc(t) for t in (x_q, x_fp if drop else None, y_fp))
     history = torch.zeros(s.iters, device=x_q.device)
     steps = range(s.iters)
     if progress:
@@ -132,23 +162,35 @@ def reconstruct_unit(
         steps = tqdm(steps, desc=desc or "reconstruct", leave=False, mininterval=1.0)
     start = time.perf_counter()
     with torch.enable_grad():  # callers may hold no_grad (evaluation code): training needs autograd
-        _train(unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, optimizers, opt_scale, history)
+        _train(
+            unit,
+            steps,
+            x_q,
+            x_fp,
+            y_fp,
+            s,
+            generator,
+            masks,
+            roundings,
+            optimizers,
+            opt_scale,
+            loss_fn,
+            history,
+        )
     elapsed = time.perf_counter() - start
 
     for r in roundings:
         r.soft, r._last_h = False, None
         r.requires_grad_(False)
-    for q in acts:
-        q.drop_prob = 0.0
-        q.masks = None
-        q.quant.scale.requires_grad_(False)
+    for p in act_scales:
+        p.requires_grad_(False)
     return ReconResult(history.tolist(), elapsed / max(s.iters, 1))
 
 
 def _train(
-    unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, optimizers, opt_scale, history
+    unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, optimizers, opt_scale, loss_fn, history
 ) -> None:
-    """The optimisation loop of `reconstruct_unit` (no host reads inside).
+    """The optimisation loop of `optimise` (no host reads inside).
 
     The steps' learning rates follow a cosine from their initial value to 0 over `iters`
     (`CosineAnnealingLR`'s closed form, set directly: the scheduler object costs more per step than
@@ -164,7 +206,7 @@ def _train(
         inp = _gather(x_q, idx)
         if masks is not None:  # QDrop: each input element from the float model with probability drop_prob
             inp = inp.lerp_(_gather(x_fp, idx), masks.draw(inp))
-        rec = reconstruction_loss(unit(inp), _gather(y_fp, idx))
+        rec = loss_fn(unit(inp), _gather(y_fp, idx))
         loss = rec
         if i >= warm and roundings:
             beta = rounding_beta(i, s)

@@ -9,15 +9,7 @@ import torch
 
 from quant.vit import quantize_vit, set_quant_enabled
 from quant.vit.reconstruct import transformer_blocks
-from tests.test_vit import _make
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_vit import _make, _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
 
 def _block_error(q, model, name: str, x: torch.Tensor) -> float:

@@ -16,16 +16,13 @@ quantized prefix; the patch embedding and the head keep their calibrated grids.
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 from torch import nn
 
 from ..modules import MaskPool
 from ..ptq import capture
 from ..quantizers import AdaRoundQuantizer
-from ..reconstruct import ReconResult, ReconSettings, rounding_beta
+from ..reconstruct import ReconResult, ReconSettings, optimise
 from .layers import QuantLinear, set_quant_enabled
 from .quantizers import SearchedUniformQuantizer
 
@@ -96,51 +93,8 @@ def reconstruct_block(
     for q in acts:  # LSQ: the calibrated step becomes a parameter
         q.learn_scale = True
         q.set_grid(q.scale, q.zero_point)
-    groups = [{"params": [q.scale for q in acts], "lr": s.lr_act}]
-    if s.learn_wscale:
-        groups.append({"params": [r.scale for r in roundings], "lr": s.lr_wscale})
-    groups = [g for g in groups if g["params"]]
-    opt_alpha = torch.optim.Adam([r.alpha for r in roundings], lr=s.lr_alpha) if roundings else None
-    opt_scale = torch.optim.Adam(groups) if groups else None
-    base_lrs = [g["lr"] for g in groups]
     masks = MaskPool(s.drop_prob, generator, x_q.device) if s.drop_prob > 0 else None
-    history = torch.zeros(s.iters, device=x_q.device)
-    steps = range(s.iters)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=desc or "reconstruct", leave=False, mininterval=1.0)
-    n, bs = x_q.shape[0], min(s.batch_size, x_q.shape[0])
-    start = time.perf_counter()
-    with torch.enable_grad():
-        for i in steps:
-            idx = torch.randint(0, n, (bs,), generator=generator, device=x_q.device)
-            inp = x_q[idx]
-            if masks is not None:  # QDrop: each input element from the float model with probability p
-                inp = inp.lerp_(x_fp[idx], masks.draw(inp))
-            rec = _block_loss(block(inp), y_fp[idx])
-            loss = rec
-            if i >= s.warmup * s.iters and roundings:
-                loss = rec + s.round_weight * sum(r.round_loss(rounding_beta(i, s)) for r in roundings)
-            for o in (opt_alpha, opt_scale):
-                if o is not None:
-                    o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in (opt_alpha, opt_scale):
-                if o is not None:
-                    o.step()
-            if opt_scale is not None:
-                cos = 0.5 * (1.0 + math.cos(math.pi * (i + 1) / s.iters))
-                for group, base in zip(opt_scale.param_groups, base_lrs):
-                    group["lr"] = base * cos
-                with torch.no_grad():
-                    for group in groups:
-                        torch._foreach_clamp_min_(group["params"], 1e-8)
-            history[i] = rec.detach()
-    elapsed = time.perf_counter() - start
-    for r in roundings:
-        r.soft, r._last_h = False, None
-        r.requires_grad_(False)
-    for q in acts:
-        q.scale.requires_grad_(False)
-    return ReconResult(history.tolist(), elapsed / max(s.iters, 1))
+    return optimise(
+        block, roundings, [q.scale for q in acts], x_q, x_fp, y_fp, s, generator, masks, _block_loss,
+        progress, desc,
+    )  # fmt: skip

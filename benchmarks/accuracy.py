@@ -202,18 +202,25 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def tiny_rows(args: argparse.Namespace) -> tuple[Path, list[dict]]:
-    """Run the tiny form and return (results dir, rows written), for benchmarks built on it."""
+def tiny_resnet20() -> tuple[torch.nn.Module, dict]:
+    """The tiny forms' model: a random-weight ResNet-20 with BN statistics from noise (seeded), and
+    its data config."""
     from quant.models import load_model
-    from quant.ptq import QuantConfig
 
-    model, _ = load_model("cifar_resnet20")
+    model, data_config = load_model("cifar_resnet20")
     torch.manual_seed(0)
     model.train()
     with torch.no_grad():
         for _ in range(2):
             model(torch.randn(16, 3, 32, 32))
-    model.eval()
+    return model.eval(), data_config
+
+
+def tiny_rows(args: argparse.Namespace) -> tuple[Path, list[dict]]:
+    """Run the tiny form and return (results dir, rows written), for benchmarks built on it."""
+    from quant.ptq import QuantConfig
+
+    model, _ = tiny_resnet20()
     images, labels = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     evals = {"random-64": (images, labels)}
     fp = fp_scores(model, evals)

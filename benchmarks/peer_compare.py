@@ -117,15 +117,8 @@ def tiny_setup(args: argparse.Namespace) -> Setup:
     """CI form: a random-weight ResNet-20 (BN statistics from noise, saved as a checkpoint the
     distilling actors load), 64 random labelled images as both evaluation sets, 32 as the draw."""
     from quant.data import build_transform
-    from quant.models import load_model
 
-    model, data_config = load_model("cifar_resnet20")
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(16, 3, 32, 32))
-    model.eval()
+    model, data_config = accuracy.tiny_resnet20()
     ckpt = os.path.join(tempfile.mkdtemp(prefix="dfq-peer-model-"), "resnet20-random.pt")
     torch.save(model.state_dict(), ckpt)
     g = torch.Generator().manual_seed(0)

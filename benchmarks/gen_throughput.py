@@ -57,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
     p.add_argument("--plain-batch", type=int, default=None, help="plain loop's large batch (GPU 48, CPU 8)")
     p.add_argument("--batch", default="auto", help="our worker's batch: an integer or auto (default)")
-    p.add_argument("--images", type=int, default=None, help="images in our timed run (default 2 batches)")
+    p.add_argument(
+        "--images", type=int, default=None, help="images in our timed run, one shard (default 3 batches)"
+    )
     p.add_argument(
         "--plain-images", type=int, default=None, help="images in each plain timing (default 1 call)"
     )
@@ -212,6 +214,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "speedup_vs_plain_bs1": ours["img_per_s"] / plain_bs1 if plain_bs1 else None,
             "ours_images": ours["images"],
             "ours_seconds": ours["seconds"],
+            "denoise_step_seconds": ours["step_seconds"],
+            "batch_fixed_seconds": ours["batch_fixed_seconds"],
+            "denoise_bound_img_per_s": ours["denoise_bound_img_per_s"],
+            "pipeline_efficiency": ours["img_per_s"] / ours["denoise_bound_img_per_s"],
             "warmup_seconds": ours["warmup_seconds"],
             "rejected": ours["rejected"],
             "load_seconds": load_seconds,
@@ -290,16 +296,20 @@ def ours_img_per_s(
             worker.generator.denoise(_prompts(worker.batch_size), list(range(worker.batch_size)), steps=2)
         warmup_seconds = time.perf_counter() - start
         batch = worker.batch_size
-        n = images or 2 * batch
+        n = images or 3 * batch
         n = max(batch, n // batch * batch)  # whole batches
-        cfg = dataclasses.replace(cfg, num_images=n, shard_size=batch, out=out)
+        # one shard of several batches, as production shards (256 images) hold: encoding a batch
+        # overlaps the next batch's denoising, and only the last batch's encoding is not hidden
+        cfg = dataclasses.replace(cfg, num_images=n, shard_size=n, out=out)
         worker.cfg = cfg
         _sync()
         start = time.perf_counter()
         rejected = sum(worker.run_unit(s)["rejected"] for s in range(cfg.num_shards))
         _sync()
         seconds = time.perf_counter() - start
+        split = time_split(worker.generator, batch, kw["steps"])
     return {
+        **split,
         "img_per_s": n / seconds,
         "batch": batch,
         "images": n,
@@ -307,6 +317,28 @@ def ours_img_per_s(
         "rejected": rejected,
         "compile_seconds": warm.get("compile_seconds", 0.0),
         "warmup_seconds": warm.get("warmup_seconds", warmup_seconds),
+    }
+
+
+def time_split(generator: Any, batch: int, steps: int, short: int = 2, long: int = 12) -> dict[str, float]:
+    """Where a batch's time goes: two untimed-path `denoise` calls of `short` and `long` steps give
+    the seconds of one denoising step and the fixed part of a batch (prompt encoding, VAE decode,
+    post-processing to host floats); with them, the img/s our worker would reach if encoding and
+    writing cost nothing (`denoise_bound_img_per_s`)."""
+    long = min(long, steps) if steps > short else short + 1
+    prompts, seeds = _prompts(batch, 20_000), list(range(batch))
+    times = {}
+    for k in (short, long):
+        _sync()
+        start = time.perf_counter()
+        generator.denoise(prompts, seeds, steps=k)  # returns host arrays: synchronised
+        times[k] = time.perf_counter() - start
+    step = max(0.0, (times[long] - times[short]) / (long - short))
+    fixed = max(0.0, times[short] - short * step)
+    return {
+        "step_seconds": step,
+        "batch_fixed_seconds": fixed,
+        "denoise_bound_img_per_s": batch / (steps * step + fixed) if step or fixed else float("nan"),
     }
 
 
@@ -381,6 +413,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"(over batch 1: {num(d.get('speedup_vs_plain_bs1'))}x). Compile {num(r['compile_seconds'])} s "
             f"(once per actor, in its warm-up). Peak memory {num(r['peak_mem_gib'])} GiB "
             f"({d.get('peak_mem_kind', '')}).",
+            "",
+            f"Where our batch of {r['ours_batch']} goes: {num(d.get('denoise_step_seconds'))} s a denoising step "
+            f"(CFG batch through the UNet, guidance, scheduler), {num(d.get('batch_fixed_seconds'))} s fixed "
+            f"(prompt encoding, VAE decode, post-processing): {num(d.get('denoise_bound_img_per_s'))} img/s "
+            f"if encoding and writing were free; the worker reaches {num(d.get('pipeline_efficiency'), '.1%')} "
+            "of that.",
             "",
             f"Ours: compile={s['compile']} ({s['compile_mode']}), channels_last={s['channels_last']}, "
             f"fused QKV={s['fuse_qkv']}, attention={s['attention']}, overlapped writer={s['overlap_writer']}.",

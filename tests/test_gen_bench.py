@@ -49,21 +49,25 @@ class _PlainCallGenerator(DiffusionGenerator):
 
 def test_fast_paths_keep_the_shard_bytes(tiny_pipeline, tmp_path) -> None:
     """Our sync-free denoising loop, the batch-wise NaN check and uint8 conversion, and the background
-    writer thread give byte-identical shards to the diffusers call with serial encoding."""
+    writer thread (one encoder, or a pool of three) give byte-identical shards to the diffusers call
+    with serial encoding."""
     hashes = {}
-    for name, gen_cls, overlap in (
-        ("reference", _PlainCallGenerator, False),
-        ("serial", DiffusionGenerator, False),
-        ("overlap", DiffusionGenerator, True),
+    for name, gen_cls, overlap, encoders in (
+        ("reference", _PlainCallGenerator, False, 1),
+        ("serial", DiffusionGenerator, False, 1),
+        ("overlap", DiffusionGenerator, True, 1),
+        ("overlap-pool", DiffusionGenerator, True, 3),
     ):
         cfg = tiny_cfg(tmp_path / name)
         (tmp_path / name).mkdir()
         worker = ShardWorker(cfg, generator=gen_cls(cfg, pipe=tiny_pipeline), overlap=overlap)
+        worker.encoders = encoders
         result = worker.run_unit(0)
         hashes[name] = file_sha256(str(tmp_path / name / result["url"]))
         assert result["nsamples"] == 6 and result["sha256"] == hashes[name]
     assert hashes["serial"] == hashes["reference"]
     assert hashes["overlap"] == hashes["reference"]
+    assert hashes["overlap-pool"] == hashes["reference"]
 
 
 def test_sample_images_matches_the_pipeline_call_with_negative_prompt_and_no_cfg(tiny_pipeline) -> None:

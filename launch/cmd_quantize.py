@@ -50,7 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="CNN activation quantizers: on every stored block output, residual stream included "
         "(QDrop, default), or on conv/linear inputs only, identity skips in float (Genie)",
     )
-    p.add_argument("--iters", type=nonnegative_int, default=20000, help="reconstruction iterations per block")
+    p.add_argument(
+        "--iters", type=nonnegative_int, default=20000, help="CNN reconstruction iterations per block"
+    )
+    p.add_argument(
+        "--vit-recon-iters",
+        type=nonnegative_int,
+        default=0,
+        help="transformers: block reconstruction iterations on top of RepQ-ViT calibration (default 0: none)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
     p.add_argument("--eval-batch-size", type=positive_int, default=256)
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         first_last_bits=args.first_last_bits,
         placement=args.placement,
+        vit_recon_iters=args.vit_recon_iters,
         seed=args.seed,
         device=args.device,
     )
@@ -114,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     qmodel = quantize_model(model, calib, config, progress=progress)
     seconds = time.perf_counter() - start
 
+    vit = not hasattr(qmodel, "_dfq_meta")  # the transformer path (RepQ-ViT calibration)
+    if vit:
+        method, iters = ("repq-vit+genie-m" if args.vit_recon_iters else "repq-vit"), args.vit_recon_iters
+    else:
+        method, iters = args.method, (args.iters if args.method != "rtn" else 0)
     result: dict = {
         "model": args.model,
         "checkpoint": args.checkpoint,
@@ -122,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
         "wbits": args.wbits,
         "abits": args.abits,
         "first_last_bits": args.first_last_bits,
-        "method": args.method,
-        "placement": args.placement,
-        "iters": args.iters if args.method != "rtn" else 0,
+        "method": method,
+        "placement": None if vit else args.placement,
+        "iters": iters,
         "seconds": round(seconds, 2),
         "device": args.device,
         "date": _dt.date.today().isoformat(),
@@ -142,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             top5=q["top5"],
         )
     spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
-    if hasattr(qmodel, "_dfq_meta"):
+    if not vit:
         save_quantized(qmodel, config, out / "quantized.pt", spec)
     else:  # transformer path: the fake-quant state dict with the config beside it
         torch.save(

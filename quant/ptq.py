@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -52,6 +53,10 @@ class QuantConfig:
     #: Which tensors carry activation quantizers: `block-output` (QDrop: the residual stream is
     #: quantized) or `layer-input` (Genie: conv/linear inputs; identity skips stay float).
     placement: str = "block-output"
+    #: Transformers only: Genie-M block reconstruction iterations a block on top of the RepQ-ViT
+    #: calibration (0: calibration alone, RepQ-ViT's recipe). Separate from `iters`, whose default is
+    #: the CNN recipe's 20k.
+    vit_recon_iters: int = 0
     seed: int = 0
     device: str = "cpu"
 
@@ -70,12 +75,13 @@ class QuantConfig:
             raise QuantError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.placement not in PLACEMENTS:
             raise QuantError(f"unknown placement {self.placement!r}: use {' or '.join(PLACEMENTS)}")
-        for name in ("iters", "batch_size", "seed"):
+        for name in ("iters", "batch_size", "seed", "vit_recon_iters"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise QuantError(f"{name} must be an integer, got {v!r}")
-        if self.iters < 0:
-            raise QuantError(f"iters must be >= 0, got {self.iters}")
+        for name in ("iters", "vit_recon_iters"):
+            if getattr(self, name) < 0:
+                raise QuantError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise QuantError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (0.0 <= self.drop_prob < 1.0):
@@ -195,8 +201,11 @@ def quantize_model(
     if not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] == 0:
         raise QuantError("calibration data must be a non-empty tensor of images (N, C, H, W)")
     vit_quantize = _transformer_quantizer(model)
-    if vit_quantize is not None:
-        return vit_quantize(model, calib, config)
+    if vit_quantize is not None:  # RepQ-ViT calibration on the first 32 images; reconstruction on all
+        vit_config = SimpleNamespace(
+            **asdict(config), recon_iters=config.vit_recon_iters, recon_images=int(calib.shape[0])
+        )
+        return vit_quantize(model, calib, vit_config)
 
     device = torch.device(config.device)
     _set_threads(device)

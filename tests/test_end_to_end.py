@@ -97,11 +97,12 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
     _check_pool(pool, "diffusion")
 
     cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4")
-    vit = _quantize(pool, tmp_path / "vit", "tests.test_end_to_end:tiny_vit", "--iters", "0")
+    vit = _quantize(pool, tmp_path / "vit", "tests.test_end_to_end:tiny_vit", "--vit-recon-iters", "2")
     for result in (cnn, vit):
         assert result["n_calib"] == 16 and result["n_eval"] == 16 and result["calib"] == str(pool)
         assert 0.0 <= result["top1"] <= 100.0 and 0.0 <= result["fp_top1"] <= 100.0
     assert cnn["iters"] == 4 and cnn["method"] == "genie-m"
+    assert vit["iters"] == 2 and vit["method"] == "repq-vit+genie-m" and vit["placement"] is None
 
 
 @pytest.mark.slow

@@ -55,3 +55,17 @@ def test_reconstruction_lowers_block_error_and_leaves_hard_rounding() -> None:
     w = linears[0].ada()
     assert torch.allclose(w / linears[0].ada.scale, (w / linears[0].ada.scale).round(), atol=1e-4)
     assert not any(p.requires_grad for p in rec.parameters())
+
+
+def test_quantize_model_reconstructs_a_transformer_only_when_asked() -> None:
+    """The CNN `QuantConfig` (whose `iters` default is the CNN recipe's 20k) reaches ViT reconstruction
+    through `vit_recon_iters` alone; reconstruction reads every calibration image."""
+    from quant.ptq import QuantConfig, quantize_model
+
+    model = _make("vit")
+    calib = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    plain = quantize_model(model, calib, QuantConfig(wbits=4, abits=4))
+    assert not hasattr(plain, "reconstruction_history")
+    rec = quantize_model(model, calib, QuantConfig(wbits=4, abits=4, vit_recon_iters=3, batch_size=8))
+    assert set(rec.reconstruction_history) == {"blocks.0", "blocks.1"}
+    assert all(len(curve) == 3 for curve in rec.reconstruction_history.values())

@@ -72,6 +72,11 @@ def _to_nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
+def index_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of a tensor stored as the unit takes it (ViT tokens, Swin's channels-last maps)."""
+    return torch.index_select(t, 0, idx)
+
+
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` of a tensor stored by `_to_nhwc`, as an NCHW (channels-last strided) view."""
     rows = torch.index_select(t, 0, idx)
@@ -136,13 +141,17 @@ def optimise(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     progress: bool = False,
     desc: str = "",
+    *,
+    gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> ReconResult:
     """The reconstruction loop shared by the CNN units and the ViT blocks.
 
     Learns the AdaRound `roundings` (and, with `learn_wscale`, their steps) and the activation
     steps `act_scales` so that `loss_fn(unit(input), y_fp)` falls; the input is a minibatch of `x_q`
-    mixed elementwise with `x_fp` by `masks` (QDrop; None = no mix). Tensors are stored as
-    `_to_nhwc` leaves them. On return the rounding is hard and nothing is trainable.
+    mixed elementwise with `x_fp` by `masks` (QDrop; None = no mix). `gather(t, idx)` takes a
+    minibatch of rows; the default reads 4-D tensors stored as `_to_nhwc` leaves them (CNN units);
+    callers whose tensors are stored as the unit takes them pass `index_rows`. On return the rounding
+    is hard and nothing is trainable.
     """
     scale_groups = [{"params": list(act_scales), "lr": s.lr_act}]
     if s.learn_wscale:
@@ -176,6 +185,7 @@ def optimise(
             opt_scale,
             loss_fn,
             history,
+            gather or _gather,
         )
     elapsed = time.perf_counter() - start
 
@@ -188,8 +198,9 @@ def optimise(
 
 
 def _train(
-    unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, optimizers, opt_scale, loss_fn, history
-) -> None:
+    unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, optimizers, opt_scale, loss_fn, history,
+    gather,
+) -> None:  # fmt: skip
     """The optimisation loop of `optimise` (no host reads inside).
 
     The steps' learning rates follow a cosine from their initial value to 0 over `iters`
@@ -203,10 +214,10 @@ def _train(
     base_lrs = [g["lr"] for g in opt_scale.param_groups] if opt_scale else []
     for i in steps:
         idx = torch.randint(0, n, (bs,), generator=generator, device=x_q.device)
-        inp = _gather(x_q, idx)
+        inp = gather(x_q, idx)
         if masks is not None:  # QDrop: each input element from the float model with probability drop_prob
-            inp = inp.lerp_(_gather(x_fp, idx), masks.draw(inp))
-        rec = loss_fn(unit(inp), _gather(y_fp, idx))
+            inp = inp.lerp_(gather(x_fp, idx), masks.draw(inp))
+        rec = loss_fn(unit(inp), gather(y_fp, idx))
         loss = rec
         if i >= warm and roundings:
             beta = rounding_beta(i, s)

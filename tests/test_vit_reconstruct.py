@@ -69,3 +69,31 @@ def test_quantize_model_reconstructs_a_transformer_only_when_asked() -> None:
     rec = quantize_model(model, calib, QuantConfig(wbits=4, abits=4, vit_recon_iters=3, batch_size=8))
     assert set(rec.reconstruction_history) == {"blocks.0", "blocks.1"}
     assert all(len(curve) == 3 for curve in rec.reconstruction_history.values())
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_chained_block_inputs_equal_captured_ones(name: str) -> None:
+    """Taking a block's inputs from the previous block's outputs (ViT blocks, blocks within a Swin
+    stage) gives the reconstruction the same data as capturing them through the model; Swin's stage
+    boundary (PatchMerging between) falls back to capturing."""
+    from quant.reconstruct import ReconSettings
+    from quant.vit.reconstruct import _feeds, reconstruct_vit
+
+    model = _make(name)
+    calib = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    cfg = SimpleNamespace(wbits=4, abits=4, seed=0)
+    runs = []
+    for chain in (True, False):
+        q = quantize_vit(model, calib, cfg)
+        settings = ReconSettings(iters=4, batch_size=8, round_weight=1.0)
+        hist = reconstruct_vit(q, calib, settings, torch.Generator().manual_seed(0), chain=chain)
+        with torch.no_grad():
+            runs.append(({n: torch.tensor(r.loss) for n, r in hist.items()}, q(calib)))
+    (h1, out1), (h2, out2) = runs
+    assert h1.keys() == h2.keys()
+    for n in h1:
+        assert torch.allclose(h1[n], h2[n], rtol=1e-4, atol=1e-6), n
+    assert torch.allclose(out1, out2, rtol=1e-4, atol=1e-5)
+    blocks = transformer_blocks(model)
+    fed = [_feeds(model, a, b) for a, b in zip([None, *blocks], blocks)]
+    assert fed == ([False, True] if name == "vit" else [False, True, False, True])

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..modules import MaskPool
-from ..ptq import capture
+from ..ptq import capture, run_unit
 from ..quantizers import AdaRoundQuantizer
-from ..reconstruct import ReconResult, ReconSettings, optimise
+from ..reconstruct import ReconResult, ReconSettings, index_rows, optimise
 from .layers import QuantLinear, set_quant_enabled
 from .quantizers import SearchedUniformQuantizer
 
@@ -49,21 +49,51 @@ def reconstruct_vit(
     settings: ReconSettings,
     generator: torch.Generator,
     progress: bool = False,
+    chain: bool = True,
 ) -> dict[str, ReconResult]:
-    """Reconstruct every transformer block of the quantized `qmodel` in place, in order."""
+    """Reconstruct every transformer block of the quantized `qmodel` in place, in order.
+
+    A block fed straight by the previous one (the next entry of the same `nn.Sequential`) takes its
+    inputs from that block's outputs, float and quantized, so each block costs one block forward
+    instead of two passes through the whole prefix (quadratic in depth); `chain=False` captures
+    every block's inputs through the model (the reference the chained path is tested against).
+    """
     results: dict[str, ReconResult] = {}
     blocks = transformer_blocks(qmodel)
+    prev: str | None = None
+    prev_fp = prev_q = None  # the previous block's float output and its quantized output
     for k, name in enumerate(blocks):
         block = qmodel.get_submodule(name)
-        set_quant_enabled(qmodel, False)
-        x_fp, y_fp = capture(qmodel, block, calib, outputs=True)
-        set_quant_enabled(qmodel, True)  # only the prefix matters: capture stops at the block
-        x_q, _ = capture(qmodel, block, calib, outputs=False)
+        if chain and _feeds(qmodel, prev, name):
+            x_fp, x_q = prev_fp, prev_q
+            set_quant_enabled(block, False)
+            y_fp = run_unit(block, x_fp)
+            set_quant_enabled(block, True)
+        else:
+            set_quant_enabled(qmodel, False)
+            x_fp, y_fp = capture(qmodel, block, calib, outputs=True)
+            set_quant_enabled(qmodel, True)  # only the prefix matters: capture stops at the block
+            x_q, _ = capture(qmodel, block, calib, outputs=False)
         results[name] = reconstruct_block(
             block, x_q, x_fp, y_fp, settings, generator, progress, desc=f"[{k + 1}/{len(blocks)}] {name}"
         )
+        prev, prev_fp = name, y_fp
+        prev_q = run_unit(block, x_q) if chain and k + 1 < len(blocks) else None
     set_quant_enabled(qmodel, True)
     return results
+
+
+def _feeds(model: nn.Module, prev: str | None, name: str) -> bool:
+    """Whether block `prev`'s output is block `name`'s input: consecutive entries of one Sequential."""
+    if prev is None:
+        return False
+    prev_parent, _, prev_index = prev.rpartition(".")
+    parent, _, index = name.rpartition(".")
+    return (
+        prev_parent == parent
+        and int(index) == int(prev_index) + 1
+        and isinstance(model.get_submodule(parent), nn.Sequential)
+    )
 
 
 def reconstruct_block(
@@ -96,5 +126,5 @@ def reconstruct_block(
     masks = MaskPool(s.drop_prob, generator, x_q.device) if s.drop_prob > 0 else None
     return optimise(
         block, roundings, [q.scale for q in acts], x_q, x_fp, y_fp, s, generator, masks, _block_loss,
-        progress, desc,
+        progress, desc, gather=index_rows,
     )  # fmt: skip

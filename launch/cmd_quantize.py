@@ -78,6 +78,23 @@ def _check_source(source: str, what: str) -> None:
         raise QuantError(f"{what} {source!r} does not exist")
 
 
+def _check_out(out: Path) -> None:
+    """Refuse, before any slow work, an --out that cannot become a directory (creating nothing)."""
+    import os
+
+    from quant.errors import QuantError
+
+    if out.exists() and not out.is_dir():
+        raise QuantError(f"cannot create output directory {out}: a file is in the way")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QuantError(f"cannot create output directory {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantError(f"cannot create output directory {out}: {parent} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -106,10 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         _check_source(args.eval, "evaluation data")
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QuantError(f"cannot create output directory {out}: {e.strerror}") from None
+    _check_out(out)  # created only once there is something to write: a refused run leaves nothing
 
     model, data_config = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
     transform = build_transform(data_config)
@@ -156,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
             top5=q["top5"],
         )
     spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantError(f"cannot create output directory {out}: {e.strerror}") from None
     if not vit:
         save_quantized(qmodel, config, out / "quantized.pt", spec)
     else:  # transformer path: the fake-quant state dict with the config beside it

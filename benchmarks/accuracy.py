@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["block-output", "layer-input"],
         help="CNN activation quantizers (as `dfq quantize --placement`)",
     )
+    p.add_argument(
+        "--equalize",
+        action="store_true",
+        help="cross-layer equalization (rows carry equalize: true; tables show +cle)",
+    )
     p.add_argument("--n-calib", type=int, default=1024)
     p.add_argument("--evals", default="lossless,jpeg", help="cifar10 evaluation sets: lossless, jpeg")
     p.add_argument("--seed", type=int, default=0)
@@ -180,12 +185,13 @@ def run(args: argparse.Namespace) -> int:
                         iters=iters,
                         seed=args.seed,
                         placement=args.placement,
+                        equalize=args.equalize,
                     )
                     seconds, scores, _ = quantize_and_evaluate(model, calib, config, evals)
                     new = rows_for(
                         model_name, fp, scores, wbits=wbits, abits=abits, calib=label, method=method,
                         n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1),
-                        placement=args.placement,
+                        placement=args.placement, equalize=args.equalize,
                     )  # fmt: skip
                     rows += new
                     report.write_accuracy(Path(args.results), rows)

@@ -27,8 +27,8 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 
 
 def row_key(row: dict) -> tuple:
-    """What makes two rows the same measurement: KEY, the CNN activation placement, the draw."""
-    return tuple(row.get(k) for k in KEY) + (placement(row), row.get("draw"))
+    """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, CLE."""
+    return tuple(row.get(k) for k in KEY) + (placement(row), row.get("draw"), bool(row.get("equalize")))
 
 
 def placement(row: dict) -> str | None:
@@ -39,8 +39,10 @@ def placement(row: dict) -> str | None:
 
 
 def method_label(row: dict) -> str:
-    """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default."""
-    return f"{row['method']} (layer-input)" if placement(row) == "layer-input" else row["method"]
+    """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
+    cross-layer equalization as `+cle`."""
+    label = row["method"] + ("+cle" if row.get("equalize") else "")
+    return f"{label} (layer-input)" if placement(row) == "layer-input" else label
 
 
 def device_string() -> str:

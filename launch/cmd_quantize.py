@@ -51,6 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(QDrop, default), or on conv/linear inputs only, identity skips in float (Genie)",
     )
     p.add_argument(
+        "--equalize",
+        action="store_true",
+        help="CNNs: cross-layer equalize conv pairs after BN folding (helps depthwise nets at 8 bits)",
+    )
+    p.add_argument(
         "--iters", type=nonnegative_int, default=20000, help="CNN reconstruction iterations per block"
     )
     p.add_argument(
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         first_last_bits=args.first_last_bits,
         placement=args.placement,
+        equalize=args.equalize,
         vit_recon_iters=args.vit_recon_iters,
         seed=args.seed,
         device=args.device,
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         "first_last_bits": args.first_last_bits,
         "method": method,
         "placement": None if vit else args.placement,
+        "equalize": None if vit else args.equalize,
         "iters": iters,
         "seconds": round(seconds, 2),
         "device": args.device,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .equalize import equalize as equalize_layers
 from .fold import fold_batchnorm, set_submodule
 from .modules import QuantAct, QuantConv2d, QuantLinear, quantize_layer
 
@@ -324,8 +325,11 @@ def build_quantized_twin(
     abits: int,
     first_last_bits: int | None,
     placement: str = "block-output",
+    equalize: bool = False,
 ) -> tuple[nn.Module, list[str]]:
     """Deep-copy `model`, fold BN, rewrite blocks/layers into quantized units (all quantizers off).
+
+    `equalize` cross-layer equalizes conv pairs after folding (`quant.equalize`).
 
     `placement` says which tensors are quantized. `block-output` (QDrop/BRECQ): every tensor a block
     stores, so the residual stream itself is low-bit. `layer-input` (Genie's `QuantizableLayer`): the
@@ -343,6 +347,8 @@ def build_quantized_twin(
     if is_block(twin) or isinstance(twin, (nn.Conv2d, nn.Linear)):
         twin = nn.Sequential(twin)  # the root itself is a unit: give it a parent to be replaced in
     fold_batchnorm(twin, example)
+    if equalize:
+        equalize_layers(twin, example)
     _replace_units(twin, twin, "", wbits, abits, placement)
     order = trace_units(twin, example)
     if not order:

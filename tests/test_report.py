@@ -1,0 +1,38 @@
+"""Result rows (benchmarks/report.py): which rows are the same measurement, and how tables label them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import report
+
+
+def _row(**kw) -> dict:
+    base = dict(model="m", dataset="d", wbits=8, abits=8, calib="noise", method="rtn", n_calib=8, iters=0)
+    base.update(top1=50.0, top5=70.0, fp_top1=52.0, seconds=1.0)
+    return report.make_row(**{**base, **kw})
+
+
+def test_equalized_rows_are_their_own_measurement(tmp_path) -> None:
+    path = tmp_path / "accuracy.json"
+    report.merge_rows(path, [_row(equalize=False)])
+    merged = report.merge_rows(path, [_row(equalize=True, top1=51.0)])
+    assert sorted(report.method_label(r) for r in merged) == ["rtn", "rtn+cle"]
+    # rerunning a setting replaces its row, and rows written before the field existed count as off
+    legacy = {k: v for k, v in _row().items() if k != "equalize"}
+    path.write_text(json.dumps([legacy, _row(equalize=True)]))
+    merged = report.merge_rows(path, [_row(equalize=False, top1=49.0)])
+    assert [(bool(r.get("equalize")), r["top1"]) for r in merged] == [(True, 50.0), (False, 49.0)]
+
+
+def test_layer_input_placement_is_named_in_the_label() -> None:
+    assert report.method_label(_row(method="genie-m", placement="layer-input", equalize=True)) == (
+        "genie-m+cle (layer-input)"
+    )
+
+
+def test_unknown_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="method 'magic' not one of"):
+        _row(method="magic")

@@ -141,9 +141,14 @@ def plot_accuracy(rows: list[dict], path: Path) -> bool:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["dataset"]), []).append(r)
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 4), squeeze=False)
-    order = ["W8A8", "W6A6", "W4A4", "W3A3", "W2A4"]
-    for ax, ((model, dataset), rs) in zip(axes[0], sorted(groups.items())):
+    n = max(1, len(groups))
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    order = ["W8A8", "W6A6", "W4A4", "W3A3", "W2A4"]  # fixed positions: fewer bits to the right
+    for ax, ((model, dataset), rs) in zip(axes.flat, sorted(groups.items())):
         fp = [r["top1"] for r in rs if r["wbits"] == 32]
         if fp:
             ax.axhline(fp[0], color="k", ls="--", lw=1, label="fp32")
@@ -155,7 +160,10 @@ def plot_accuracy(rows: list[dict], path: Path) -> bool:
             lines.setdefault(label, {}).setdefault(_bits(r), []).append(r["top1"])
         for label, pts in sorted(lines.items()):
             xs = [b for b in order if b in pts]
-            ax.plot(xs, [sum(pts[b]) / len(pts[b]) for b in xs], marker="o", label=label)
+            ax.plot(
+                [order.index(b) for b in xs], [sum(pts[b]) / len(pts[b]) for b in xs], marker="o", label=label
+            )
+        ax.set_xticks(range(len(order)), order)
         ax.set_title(f"{model}\n{dataset}", fontsize=9)
         ax.set_ylabel("top-1 (%)")
         ax.legend(fontsize=7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -123,3 +124,37 @@ def test_equalized_quantization_runs_saves_and_loads(tmp_path) -> None:
 def test_equalize_must_be_a_bool() -> None:
     with pytest.raises(QuantError, match="equalize must be true or false, got 'yes'"):
         QuantConfig(equalize="yes")  # type: ignore[arg-type]
+
+
+def test_cli_equalize_is_recorded_and_saved(tmp_path) -> None:
+    """`dfq quantize --equalize` says so in result.json and saves the equalized weights (a float
+    model rebuilt from the spec is not equalized, so loading must take the weights from the file)."""
+    from launch.cli import main
+    from quant.models import load_model
+
+    argv = [
+        "quantize",
+        "--model",
+        "mobilenetv1_x0.25",
+        "--calib",
+        "noise",
+        "--n-calib",
+        "4",
+        "--method",
+        "rtn",
+    ]
+    argv += ["--wbits", "8", "--abits", "8", "--no-progress"]
+    for flag, out in (([], tmp_path / "plain"), (["--equalize"], tmp_path / "cle")):
+        assert main([*argv, *flag, "--out", str(out)]) == 0
+        assert json.loads((out / "result.json").read_text())["equalize"] is bool(flag)
+
+    def build(spec: dict) -> nn.Module:
+        return load_model(spec["model"])[0]
+
+    plain = load_quantized(tmp_path / "plain" / "quantized.pt", build)
+    cle = load_quantized(tmp_path / "cle" / "quantized.pt", build)
+    stem = "stage1.0.0.layer.weight"  # the stem conv (BN folded): equalization rescales its channels
+    assert not torch.allclose(plain.state_dict()[stem], cle.state_dict()[stem])
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.isfinite(cle(x)).all()

@@ -26,7 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 #: Activations with f(x / s) = f(x) / s for every s > 0 (ReLU6, SiLU, GELU, hardswish are not).
-HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+#: "No activation" qualifies too: a folded BN's `nn.Identity` returns the conv's output tensor itself.
+HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU)
 
 
 def is_depthwise(conv: nn.Module) -> bool:
@@ -35,11 +36,6 @@ def is_depthwise(conv: nn.Module) -> bool:
         and conv.groups > 1
         and conv.groups == conv.in_channels == conv.out_channels
     )
-
-
-def has_depthwise(model: nn.Module) -> bool:
-    """Whether `model` holds a depthwise conv (where equalization is known to matter)."""
-    return any(is_depthwise(m) for m in model.modules())
 
 
 def _equalizable(first: nn.Conv2d, second: nn.Conv2d) -> bool:
@@ -102,7 +98,7 @@ def find_equalizable_pairs(model: nn.Module, example: torch.Tensor) -> list[tupl
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             handles += [m.register_forward_pre_hook(conv_pre), m.register_forward_hook(conv_post)]
-        elif isinstance(m, HOMOGENEOUS) and not isinstance(m, nn.Identity):
+        elif isinstance(m, HOMOGENEOUS):
             handles.append(m.register_forward_hook(act_post))
     counter = _UseCounter()
     try:

@@ -309,8 +309,10 @@ def load_quantized(path: str | os.PathLike, build_model: Callable[[dict], nn.Mod
     config = QuantConfig.from_dict(blob["config"])
     model = build_model(blob["model_spec"])
     example = torch.zeros(2, *blob["input_shape"])
+    # no equalization here: it changes weights, not the module tree, and the saved (equalized)
+    # weights are loaded below
     qmodel, units = build_quantized_twin(
-        model, example, config.wbits, config.abits, config.first_last_bits, config.placement, config.equalize
+        model, example, config.wbits, config.abits, config.first_last_bits, config.placement
     )
     state = blob["state_dict"]
     for name, mod in qmodel.named_modules():  # grids first: their shapes are set by calibration

@@ -60,11 +60,10 @@ def reconstruct_vit(
     """
     results: dict[str, ReconResult] = {}
     blocks = transformer_blocks(qmodel)
-    prev: str | None = None
-    prev_fp = prev_q = None  # the previous block's float output and its quantized output
+    prev_fp = prev_q = None  # the previous block's outputs (float, quantized), kept when they feed this one
     for k, name in enumerate(blocks):
         block = qmodel.get_submodule(name)
-        if chain and _feeds(qmodel, prev, name):
+        if prev_q is not None:
             x_fp, x_q = prev_fp, prev_q
             set_quant_enabled(block, False)
             y_fp = run_unit(block, x_fp)
@@ -77,8 +76,8 @@ def reconstruct_vit(
         results[name] = reconstruct_block(
             block, x_q, x_fp, y_fp, settings, generator, progress, desc=f"[{k + 1}/{len(blocks)}] {name}"
         )
-        prev, prev_fp = name, y_fp
-        prev_q = run_unit(block, x_q) if chain and k + 1 < len(blocks) else None
+        feeds_next = chain and k + 1 < len(blocks) and _feeds(qmodel, name, blocks[k + 1])
+        prev_fp, prev_q = (y_fp, run_unit(block, x_q)) if feeds_next else (None, None)
     set_quant_enabled(qmodel, True)
     return results
 
@@ -91,8 +90,8 @@ def _feeds(model: nn.Module, prev: str | None, name: str) -> bool:
     parent, _, index = name.rpartition(".")
     return (
         prev_parent == parent
+        and isinstance(model.get_submodule(parent), nn.Sequential)  # so the indices are integers
         and int(index) == int(prev_index) + 1
-        and isinstance(model.get_submodule(parent), nn.Sequential)
     )
 
 

@@ -27,8 +27,21 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 
 
 def row_key(row: dict) -> tuple:
-    """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, CLE."""
-    return tuple(row.get(k) for k in KEY) + (placement(row), row.get("draw"), bool(row.get("equalize")))
+    """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, CLE,
+    the ViT weight rounding."""
+    return tuple(row.get(k) for k in KEY) + (
+        placement(row),
+        row.get("draw"),
+        bool(row.get("equalize")),
+        weight_rounding(row),
+    )
+
+
+def weight_rounding(row: dict) -> str | None:
+    """A calibration-only ViT row's weight rounding (rows written before GPTQ are `nearest`)."""
+    if row.get("method") != "repq-vit" or row.get("iters"):
+        return None
+    return row.get("weight_rounding") or "nearest"
 
 
 def placement(row: dict) -> str | None:
@@ -40,8 +53,9 @@ def placement(row: dict) -> str | None:
 
 def method_label(row: dict) -> str:
     """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
-    cross-layer equalization as `+cle`."""
+    cross-layer equalization as `+cle`, the ViT's GPTQ weight rounding as `+gptq`."""
     label = row["method"] + ("+cle" if row.get("equalize") else "")
+    label += "+gptq" if weight_rounding(row) == "gptq" else ""
     return f"{label} (layer-input)" if placement(row) == "layer-input" else label
 
 

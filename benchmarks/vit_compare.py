@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--recon-iters", type=int, default=0, help="block reconstruction iterations per block (0: none)"
     )
     p.add_argument("--recon-images", type=int, default=1024, help="images the reconstruction reads")
+    p.add_argument(
+        "--weight-rounding",
+        default="gptq",
+        choices=["gptq", "nearest"],
+        help="calibration-only rows: GPTQ weight rounding (our default) or nearest (RepQ-ViT's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CI form: random small ViT and tensors, temp results")
 
@@ -118,11 +124,13 @@ def run_settings(
     calib_label: str = "real",
     recon_iters: int = 0,
     pool: torch.Tensor | None = None,
+    weight_rounding: str = "gptq",
 ) -> list[dict]:
     """fp32 rows, then one quantized row per bits x draw x eval set; written as they come; merged rows.
 
     With `recon_iters`, each draw is followed by block reconstruction on `pool` (draw k moved first,
-    so the RepQ initialisation still sees exactly draw k) and rows carry `iters=recon_iters`.
+    so the RepQ initialisation still sees exactly draw k) and rows carry `iters=recon_iters`;
+    without, rows carry `weight_rounding` (gptq or nearest).
     """
     from quant.ptq import QuantConfig
 
@@ -134,17 +142,19 @@ def run_settings(
         # The ViT path calibrates without iterations; `method`/`iters` of the CNN config are unused.
         config = QuantConfig(wbits=wbits, abits=abits, method="rtn", iters=0, seed=seed, device=device)
         for k, calib in enumerate(draws):
+            extra = {}
             if recon_iters:
                 calib = _draw_first(calib, pool, k)
                 seconds, scores, qmodel = _recon_and_evaluate(model, calib, config, recon_iters, evals)
             else:
-                seconds, scores, qmodel = accuracy.quantize_and_evaluate(
-                    model, calib, config, evals, progress=False
+                extra["weight_rounding"] = weight_rounding
+                seconds, scores, qmodel = _recon_and_evaluate(
+                    model, calib, config, 0, evals, gptq=weight_rounding == "gptq"
                 )
             seconds = getattr(qmodel, "calibration_seconds", seconds)
             new = accuracy.rows_for(
                 model_name, fp, scores, wbits=wbits, abits=abits, calib=calib_label, method=METHOD,
-                n_calib=int(calib.shape[0]), iters=recon_iters, seconds=round(seconds, 2), draw=k,
+                n_calib=int(calib.shape[0]), iters=recon_iters, seconds=round(seconds, 2), draw=k, **extra,
             )  # fmt: skip
             rows += new
             merged = _write(results, rows, calib_label)
@@ -167,8 +177,11 @@ def _draw_first(draw: torch.Tensor, pool: torch.Tensor | None, k: int) -> torch.
     return torch.cat([pool[lo:hi], pool[:lo], pool[hi:]])
 
 
-def _recon_and_evaluate(model, calib: torch.Tensor, config, iters: int, evals: dict) -> tuple:
-    """RepQ-ViT calibration on calib[:32], then `iters` reconstruction iterations a block on all of calib."""
+def _recon_and_evaluate(
+    model, calib: torch.Tensor, config, iters: int, evals: dict, gptq: bool = True
+) -> tuple:
+    """RepQ-ViT calibration on calib[:32] (GPTQ rounding if `gptq` and no reconstruction), then
+    `iters` reconstruction iterations a block on all of calib."""
     import time
     from types import SimpleNamespace
 
@@ -177,7 +190,7 @@ def _recon_and_evaluate(model, calib: torch.Tensor, config, iters: int, evals: d
 
     settings = SimpleNamespace(
         wbits=config.wbits, abits=config.abits, seed=config.seed, device=config.device,
-        calib_size=DRAW_SIZE, recon_iters=iters, recon_images=int(calib.shape[0]),
+        calib_size=DRAW_SIZE, recon_iters=iters, recon_images=int(calib.shape[0]), gptq=gptq,
     )  # fmt: skip
     t0 = time.perf_counter()
     qmodel = quantize_vit(model, calib, settings)
@@ -212,6 +225,8 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
             top1.setdefault("fp32", {}).setdefault(r["dataset"], []).append((0, r["top1"]))
         elif r["method"] == METHOD and r["calib"] == calib_label and r.get("draw") is not None:
             name = _bits_name(r) + (f" +recon {r['iters']}" if r.get("iters") else "")
+            if report.weight_rounding(r) == "nearest":
+                name += " nearest"
             top1.setdefault(name, {}).setdefault(r["dataset"], []).append((r["draw"], r["top1"]))
             secs.setdefault(name, {})[r["draw"]] = r["seconds"]
 
@@ -254,13 +269,18 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
     datasets = sorted({r["dataset"] for r in mine}, key=lambda d: (d != LOSSLESS, d != JPEG, d))
     peer_col = {LOSSLESS: 0, JPEG: 1}
     order = ["fp32", *BITS]
-    names = [b for b in order if b in summary["top1"]] + sorted(set(summary["top1"]) - set(order))
+    # grouped by bits (fp32, W8A8 ... W3A3), each setting's variants (+recon, nearest) under it
+    names = sorted(
+        summary["top1"],
+        key=lambda n: (order.index(n.split(" ")[0]) if n.split(" ")[0] in order else len(order), n),
+    )
     lines = [
         f"# Side by side with RepQ-ViT (PEERS.md), {model_name}",
         "",
         "Ours: `quant.vit.quantize_vit` (per-channel weights, per-channel post-LayerNorm activations folded",
         "into the LayerNorm and next Linear, log post-softmax grid, patch-embedding weights and input and head",
-        "weights at 8 bits), calibrated on one batch of 32 real images, no iterations. Each setting runs on several",
+        "weights at 8 bits, GPTQ weight rounding), calibrated on one batch of 32 real images, no iterations;",
+        "`nearest` rows round weights to nearest as RepQ-ViT does. Each setting runs on several",
         "batches: draw k is images 32k..32k+31 of the ASSETS.md calibration draw (draw 0 is the peer's",
         "batch). Cells: mean (min-max) of top-1 over the draws; the peer's figure is its single run on",
         "draw 0. Calibration seconds: ours mean (min-max) over draws against the peer's.",
@@ -316,6 +336,8 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "Notes:",
         "",
         "- RepQ-ViT did not measure W3A3 on this ViT (PEERS.md), so that row has no peer figure.",
+        "- Plain bits rows: GPTQ weight rounding (`quant.vit.gptq`, the default) on the same 32 images and",
+        "  grids; `nearest` rows: the same path with round-to-nearest weights (RepQ-ViT's rounding).",
         f"- PEERS.md: RepQ-ViT's W4A4 on four other 32-image batches gave {lo_l:.2f}-{hi_l:.2f} on the",
         f"  lossless slice and {lo_j:.2f}-{hi_j:.2f} on the JPEG set; its single draw-0 figure is one",
         "  sample of that spread, so compare our mean and range with it, not one draw.",
@@ -333,7 +355,8 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "  distill from the ViT itself; `--calib bn-distill=<pool>` calibrates on a pool distilled from another",
         "  CIFAR-10 model (the ResNet-20) instead: see 'Other calibration sources' below when present.",
         "- Calibration seconds are the wall time of our calibration (copy, convert, one forward pass over",
-        "  the 32 images, re-parameterization) on the machine above; the peer's ~7 s are from PEERS.md.",
+        "  the 32 images, re-parameterization, GPTQ where used) on the machine above; the peer's ~7 s are",
+        "  from PEERS.md.",
         "",
     ]
     return "\n".join(lines)
@@ -440,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     results = Path(args.results)
     run_settings(
         MODEL, model, evals, draws, bits, results, device=args.device, seed=args.seed, calib_label=label,
-        recon_iters=args.recon_iters, pool=pool,
+        recon_iters=args.recon_iters, pool=pool, weight_rounding=args.weight_rounding,
     )  # fmt: skip
     print(results / "vit_compare.md")
     return 0

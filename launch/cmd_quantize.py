@@ -145,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
     vit = not hasattr(qmodel, "_dfq_meta")  # the transformer path (RepQ-ViT calibration)
     if vit:
-        method, iters = ("repq-vit+genie-m" if args.vit_recon_iters else "repq-vit"), args.vit_recon_iters
+        method, iters = (
+            ("repq-vit+genie-m" if args.vit_recon_iters else "repq-vit+gptq"),
+            args.vit_recon_iters,
+        )
     else:
         method, iters = args.method, (args.iters if args.method != "rtn" else 0)
     result: dict = {

@@ -36,3 +36,20 @@ def test_layer_input_placement_is_named_in_the_label() -> None:
 def test_unknown_method_is_refused() -> None:
     with pytest.raises(ValueError, match="method 'magic' not one of"):
         _row(method="magic")
+
+
+def test_vit_weight_rounding_rows_are_their_own_measurement(tmp_path) -> None:
+    """GPTQ and nearest-rounding ViT rows coexist; rows from before the field are nearest."""
+    vit = dict(method="repq-vit", calib="real", draw=0)
+    legacy = _row(**vit)
+    gptq = _row(**vit, weight_rounding="gptq", top1=51.0)
+    nearest = _row(**vit, weight_rounding="nearest", top1=49.0)
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps([legacy]))
+    merged = report.merge_rows(path, [gptq])
+    assert sorted(report.method_label(r) for r in merged) == ["repq-vit", "repq-vit+gptq"]
+    merged = report.merge_rows(path, [nearest])  # a rerun with nearest replaces the legacy row
+    assert sorted(r["top1"] for r in merged) == [49.0, 51.0]
+    # reconstruction rows and CNN rows carry no weight rounding
+    assert report.weight_rounding(_row(**vit, iters=500)) is None
+    assert report.weight_rounding(_row(method="genie-m", weight_rounding="gptq")) is None

@@ -10,10 +10,13 @@ The steps, in order (`quantize_vit`):
    the error of the op they feed, per-channel ones their own error;
 3. scale re-parameterization (`reparam.py`): each per-channel post-LayerNorm grid is folded into
    its LayerNorm and Linear, leaving per-tensor grids only, and those Linears' weight grids are
-   refitted to their new weights.
+   refitted to their new weights;
+3b. GPTQ weight rounding on those grids (`gptq.py`, `gptq=True`, the default): each Linear's
+   rounding error is compensated on the calibration inputs instead of rounding to nearest;
 
 4. optionally (`recon_iters > 0`), block reconstruction on top (`reconstruct.py`: AdaRound + learned
-   weight and activation steps + QDrop's input mix, block by block against the float outputs).
+   weight and activation steps + QDrop's input mix, block by block against the float outputs); it
+   learns the rounding itself, so GPTQ is skipped then.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class ViTQuantSettings:
     reparam: bool = True
     fold_head: bool = True
     log_sqrt2_only: bool = False
+    #: GPTQ weight rounding after calibration (False: round to nearest, as RepQ-ViT)
+    gptq: bool = True
     #: block reconstruction on top of the calibration (0: none); it reads `recon_images` images
     recon_iters: int = 0
     recon_images: int = 1024
@@ -63,6 +68,9 @@ class ViTQuantSettings:
             check_bits(s.first_last_bits, "first_last_bits")
         if s.head_wbits is not None:
             check_bits(s.head_wbits, "head_wbits")
+        for name in ("reparam", "fold_head", "log_sqrt2_only", "gptq"):
+            if not isinstance(getattr(s, name), bool):
+                raise QuantError(f"{name} must be true or false, got {getattr(s, name)!r}")
         for name, low in (("calib_size", 1), ("recon_iters", 0), ("recon_images", 1)):
             v = getattr(s, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -92,7 +100,8 @@ def quantize_vit(
     `head_wbits` (default `first_last_bits`, else `wbits`), `reparam` (True), `fold_head` (True:
     the classifier input gets a folded per-channel grid too, exact since pooling commutes with it),
     `log_sqrt2_only` (False: the post-softmax log grid may use a finer base than sqrt2 where the
-    bits allow; True: RepQ-ViT's log-sqrt2 everywhere). `reparam=False` returns the per-channel model before folding, which
+    bits allow; True: RepQ-ViT's log-sqrt2 everywhere), `gptq` (True: GPTQ weight rounding on the
+    calibration batch; False: nearest rounding). `reparam=False` returns the per-channel model before folding, which
     computes the same function up to the refitted weight grids of the folded Linears.
     The input model is left untouched; the copy's `calibration_seconds` attribute says how long
     steps 1-3 took.
@@ -118,7 +127,13 @@ def quantize_vit(
     qmodel(calib[: settings.calib_size].to(device))
     if settings.reparam:
         for norm_name, linear_name in pairs:
-            fold_input_scales(qmodel.get_submodule(norm_name), qmodel.get_submodule(linear_name))
+            linear = qmodel.get_submodule(linear_name)
+            if linear.input_quantizer.enabled:  # float activations (abits 32): nothing to fold
+                fold_input_scales(qmodel.get_submodule(norm_name), linear)
+    if settings.gptq and settings.recon_iters == 0:
+        from .gptq import gptq_round
+
+        gptq_round(qmodel, calib[: settings.calib_size].to(device))
     qmodel.calibration_seconds = time.perf_counter() - start
     if settings.recon_iters > 0:
         from ..reconstruct import ReconSettings

@@ -1,0 +1,122 @@
+"""GPTQ weight rounding for the ViT path (Frantar et al., ICLR 2023), on the calibrated grids.
+
+Round-to-nearest rounds every weight on its own. GPTQ rounds the input columns of a Linear one at a
+time and, after each, moves the not-yet-rounded columns to cancel that column's rounding error on
+the layer's calibration inputs X: it minimises ||(W - Q) X^T||^2 greedily, using the inverse of
+H = X^T X. The grid is not touched (the per-channel scale and zero point RepQ-style calibration
+chose, after re-parameterization); only which grid point each weight takes changes.
+
+Why here: on the CIFAR-10 ViT, weights alone at 4 bits (nearest rounding) cost 0.8 points and the
+4x128 dims make H tiny, so GPTQ costs a fraction of a second per layer and calibrates from the same
+32 images. Layers are done in execution order, each on inputs from the already-rounded layers before
+it (its input quantizer applied), so later layers also absorb earlier layers' errors.
+
+The result is stored as a hard `AdaRoundQuantizer` on the layer (`layer.ada`, `soft=False`): the
+float weight stays as it was (float mode and reconstruction targets are unchanged), and export
+already reads integer weights from it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quantizers import AdaRoundQuantizer, fake_quant
+from .layers import QuantLinear
+
+#: dampening added to H's diagonal, as a fraction of its mean (GPTQ's default)
+DAMP = 0.01
+#: columns rounded between two updates of the rest of the weight (GPTQ's lazy batch)
+BLOCK = 128
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    damp: float = DAMP,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """`weight` [out, in] rounded onto the per-row grid (scale, zero_point) [out] by GPTQ.
+
+    `hessian` = sum over calibration inputs of x x^T [in, in]. Columns go in their natural order:
+    GPTQ's act-order (largest inputs first) measured no better here (W4A4, 3 draws: JPEG 68.93 vs
+    68.91, slice 70.37 vs 70.70). Returns the fake-quantized weight (values on the grid), in
+    `weight`'s dtype.
+    """
+    w = weight.detach().double().clone()
+    h = hessian.double().clone()
+    scale, zero_point = scale.double().reshape(-1, 1), zero_point.double().reshape(-1, 1)
+    dead = torch.diag(h) == 0  # inputs that never fire: any value is exact, keep them out of H
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * torch.diag(h).mean())
+    # upper Cholesky factor of H^-1: row i holds the update the remaining columns get from column i
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    n = w.shape[1]
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        wb, errs = w[:, start:end].clone(), torch.zeros_like(w[:, start:end])
+        hb = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = wb[:, i : i + 1]
+            qcol = fake_quant(col, scale, zero_point, qmin, qmax)
+            q[:, start + i : start + i + 1] = qcol
+            err = (col - qcol) / hb[i, i]
+            wb[:, i:] -= err @ hb[i : i + 1, i:]
+            errs[:, i : i + 1] = err
+        w[:, end:] -= errs @ hinv[start:end, end:]
+    return q.to(weight.dtype)
+
+
+class _Reached(Exception):
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
+
+
+def _input_hessian(model: nn.Module, layer: QuantLinear, calib: torch.Tensor) -> torch.Tensor:
+    """sum x x^T over every token of the layer's quantized input on the calibration batch.
+
+    The forward pass stops at the layer (a transformer calls each Linear once), so rounding the
+    layers in order costs about half of one full pass each.
+    """
+    acc = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=calib.device)
+
+    def hook(module: QuantLinear, args: tuple) -> None:
+        x = module.input_quantizer(args[0]).reshape(-1, module.in_features).double()
+        acc.add_(x.t() @ x)
+        raise _Reached
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        model(calib)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return acc
+
+
+@torch.no_grad()
+def gptq_round(model: nn.Module, calib: torch.Tensor) -> list[str]:
+    """Round every weight-quantized `QuantLinear` of a calibrated `model` by GPTQ, in order.
+
+    Returns the names of the layers rounded. Layers that already have a rounding (`ada`) are skipped.
+    """
+    done = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear) or not layer.weight_quantizer.enabled or layer.ada is not None:
+            continue
+        hessian = _input_hessian(model, layer, calib)
+        wq = layer.weight_quantizer
+        scale, zero_point = wq.shaped(layer.weight)
+        rounded = gptq_quantize_weight(layer.weight, hessian, scale, zero_point, wq.qmin, wq.qmax)
+        ada = AdaRoundQuantizer(wq, rounded)  # its floor + hard offset reproduce `rounded` exactly
+        ada.soft = False
+        layer.ada = ada.requires_grad_(False)
+        done.append(name)
+    return done

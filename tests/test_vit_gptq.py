@@ -1,0 +1,113 @@
+"""GPTQ weight rounding of the ViT path (quant.vit.gptq).
+
+What must hold: GPTQ's weights lie on the layer's calibrated grid and give a smaller output error on
+the calibration inputs than nearest rounding on the same grid; in `quantize_vit` it is the default,
+stored as a hard rounding that leaves the float weights (and so the float model) untouched.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from quant.errors import QuantError
+from quant.quantizers import UniformQuantizer, fake_quant
+from quant.vit import QuantLinear, quantize_vit, set_quant_enabled
+from quant.vit.gptq import gptq_quantize_weight
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _grid(weight: torch.Tensor, bits: int) -> UniformQuantizer:
+    q = UniformQuantizer(bits=bits, signed=True, ch_axis=0, symmetric=False, init="mse")
+    q.calibrate(weight)
+    return q
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_gptq_lies_on_the_grid_and_beats_nearest(bits: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    # correlated inputs, as activations are: this is where compensating errors pays
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, 64, generator=g) + 0.1 * torch.randn(
+        512, 64, generator=g
+    )
+    grid = _grid(w, bits)
+    scale, zp = grid.shaped(w)
+    q = gptq_quantize_weight(w, x.t() @ x, scale, zp, grid.qmin, grid.qmax, block=16)  # several lazy blocks
+    codes = q / scale + zp
+    torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
+    assert codes.min() >= grid.qmin - 1e-3 and codes.max() <= grid.qmax + 1e-3
+    nearest = fake_quant(w, scale, zp, grid.qmin, grid.qmax)
+    err_gptq = ((q - w) @ x.t()).pow(2).sum()
+    err_nearest = ((nearest - w) @ x.t()).pow(2).sum()
+    assert err_gptq < 0.7 * err_nearest
+
+
+def test_inputs_that_never_fire_do_not_break_it() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 16, generator=g)
+    x = torch.randn(64, 16, generator=g)
+    x[:, 3] = 0
+    grid = _grid(w, 4)
+    scale, zp = grid.shaped(w)
+    q = gptq_quantize_weight(w, x.t() @ x, scale, zp, grid.qmin, grid.qmax)
+    assert torch.isfinite(q).all()
+    assert (q[:, 3] == 0).all()  # a dead input's weight is free: it takes the exact zero
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
+    ).eval()
+
+
+def test_quantize_vit_rounds_by_gptq_by_default() -> None:
+    model = _vit()
+    g = torch.Generator().manual_seed(2)
+    calib, x = torch.randn(32, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+    cfg = SimpleNamespace(wbits=3, abits=32, first_last_bits=8)  # weights only: isolate the rounding
+    q = quantize_vit(model, calib, cfg)
+    nearest = quantize_vit(model, calib, SimpleNamespace(**vars(cfg), gptq=False))
+    linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.ada is not None and not m.ada.soft for m in linears)
+    assert not any(p.requires_grad for p in q.parameters())
+    assert all(m.ada is None for m in nearest.modules() if isinstance(m, QuantLinear))
+    for m in linears:  # same grid as nearest rounding would use, other grid points chosen
+        scale, zp = m.weight_quantizer.shaped(m.weight)
+        codes = m.ada() / scale + zp
+        torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
+    with torch.no_grad():
+        ref = model(calib)
+        err_gptq = (q(calib) - ref).pow(2).mean()
+        err_nearest = (nearest(calib) - ref).pow(2).mean()
+        assert err_gptq < err_nearest
+        set_quant_enabled(q, False)  # the float weights were left alone
+        torch.testing.assert_close(q(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_reconstruction_learns_its_own_rounding() -> None:
+    """With block reconstruction GPTQ is skipped: AdaRound starts from the float weights."""
+    model = _vit()
+    calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    q = quantize_vit(model, calib, SimpleNamespace(wbits=4, abits=4, recon_iters=2, recon_images=32))
+    block_linears = [m for m in q.blocks.modules() if isinstance(m, QuantLinear)]
+    assert block_linears and all(m.ada is not None for m in block_linears)
+    head = q.get_classifier()
+    assert head.ada is None  # outside every block: neither GPTQ nor reconstruction touched it
+
+
+def test_gptq_flag_must_be_a_bool() -> None:
+    with pytest.raises(QuantError, match="gptq"):
+        quantize_vit(_vit(), torch.randn(4, 3, 32, 32), SimpleNamespace(wbits=8, abits=8, gptq="yes"))

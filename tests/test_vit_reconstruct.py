@@ -39,7 +39,9 @@ def test_reconstruction_lowers_block_error_and_leaves_hard_rounding() -> None:
     g = torch.Generator().manual_seed(3)
     calib, held_out = torch.randn(64, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g)
     cfg = dict(wbits=3, abits=4, seed=0)
-    base = quantize_vit(model, calib, SimpleNamespace(**cfg))
+    # the start reconstruction refines: nearest rounding on the calibrated grids (GPTQ is the
+    # no-reconstruction default and runs only when recon_iters is 0)
+    base = quantize_vit(model, calib, SimpleNamespace(**cfg, gptq=False))
     rec = quantize_vit(model, calib, SimpleNamespace(**cfg, recon_iters=300, recon_images=64))
     assert set(rec.reconstruction_history) == {"blocks.0", "blocks.1"}
     for curve in rec.reconstruction_history.values():

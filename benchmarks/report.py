@@ -28,20 +28,30 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, CLE,
-    the ViT weight rounding."""
+    the ViT weight rounding and input grid."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
         bool(row.get("equalize")),
         weight_rounding(row),
+        input_grid(row),
     )
 
 
 def weight_rounding(row: dict) -> str | None:
-    """A calibration-only ViT row's weight rounding (rows written before GPTQ are `nearest`)."""
-    if row.get("method") != "repq-vit" or row.get("iters"):
+    """A ViT row's weight rounding: GPTQ's or nearest, or with reconstruction the rounding it
+    started from (rows written before GPTQ are `nearest`)."""
+    if row.get("method") != "repq-vit":
         return None
     return row.get("weight_rounding") or "nearest"
+
+
+def input_grid(row: dict) -> str | None:
+    """A ViT row's patch-embedding input grid: `calibrated` (fitted to the calibration images; rows
+    from before the option) or `preprocess` (over the normalization's range)."""
+    if row.get("method") != "repq-vit":
+        return None
+    return row.get("input_grid") or "calibrated"
 
 
 def placement(row: dict) -> str | None:
@@ -53,9 +63,11 @@ def placement(row: dict) -> str | None:
 
 def method_label(row: dict) -> str:
     """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
-    cross-layer equalization as `+cle`, the ViT's GPTQ weight rounding as `+gptq`."""
+    cross-layer equalization as `+cle`, the ViT's GPTQ weight rounding as `+gptq` and its image grid
+    over the normalization's range as `(preprocess input)`."""
     label = row["method"] + ("+cle" if row.get("equalize") else "")
     label += "+gptq" if weight_rounding(row) == "gptq" else ""
+    label += " (preprocess input)" if input_grid(row) == "preprocess" else ""
     return f"{label} (layer-input)" if placement(row) == "layer-input" else label
 
 

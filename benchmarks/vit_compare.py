@@ -71,7 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--weight-rounding",
         default="gptq",
         choices=["gptq", "nearest"],
-        help="calibration-only rows: GPTQ weight rounding (our default) or nearest (RepQ-ViT's)",
+        help="GPTQ weight rounding (our default; reconstruction starts from it) or nearest (RepQ-ViT's)",
+    )
+    p.add_argument(
+        "--input-grid",
+        choices=["auto", "calibrated", "preprocess"],
+        default="auto",
+        help="patch-embedding input grid: fitted to the draw, or over the normalization's range "
+        "(auto: preprocess for pools, calibrated for real images)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CI form: random small ViT and tensors, temp results")
@@ -125,12 +132,14 @@ def run_settings(
     recon_iters: int = 0,
     pool: torch.Tensor | None = None,
     weight_rounding: str = "gptq",
+    input_range: tuple[float, float] | None = None,
 ) -> list[dict]:
     """fp32 rows, then one quantized row per bits x draw x eval set; written as they come; merged rows.
 
     With `recon_iters`, each draw is followed by block reconstruction on `pool` (draw k moved first,
-    so the RepQ initialisation still sees exactly draw k) and rows carry `iters=recon_iters`;
-    without, rows carry `weight_rounding` (gptq or nearest).
+    so the RepQ initialisation still sees exactly draw k) and rows carry `iters=recon_iters`; rows
+    carry `weight_rounding` (gptq or nearest: the rounding, or where reconstruction started) and
+    `input_grid` (preprocess when `input_range` fixes the patch-embedding input grid, else calibrated).
     """
     from quant.ptq import QuantConfig
 
@@ -142,15 +151,21 @@ def run_settings(
         # The ViT path calibrates without iterations; `method`/`iters` of the CNN config are unused.
         config = QuantConfig(wbits=wbits, abits=abits, method="rtn", iters=0, seed=seed, device=device)
         for k, calib in enumerate(draws):
-            extra = {}
+            extra = {
+                "weight_rounding": weight_rounding,
+                "input_grid": "calibrated" if input_range is None else "preprocess",
+            }
             if recon_iters:
                 calib = _draw_first(calib, pool, k)
-                seconds, scores, qmodel = _recon_and_evaluate(model, calib, config, recon_iters, evals)
-            else:
-                extra["weight_rounding"] = weight_rounding
-                seconds, scores, qmodel = _recon_and_evaluate(
-                    model, calib, config, 0, evals, gptq=weight_rounding == "gptq"
-                )
+            seconds, scores, qmodel = _recon_and_evaluate(
+                model,
+                calib,
+                config,
+                recon_iters,
+                evals,
+                gptq=weight_rounding == "gptq",
+                input_range=input_range,
+            )
             seconds = getattr(qmodel, "calibration_seconds", seconds)
             new = accuracy.rows_for(
                 model_name, fp, scores, wbits=wbits, abits=abits, calib=calib_label, method=METHOD,
@@ -178,10 +193,16 @@ def _draw_first(draw: torch.Tensor, pool: torch.Tensor | None, k: int) -> torch.
 
 
 def _recon_and_evaluate(
-    model, calib: torch.Tensor, config, iters: int, evals: dict, gptq: bool = True
+    model,
+    calib: torch.Tensor,
+    config,
+    iters: int,
+    evals: dict,
+    gptq: bool = True,
+    input_range: tuple[float, float] | None = None,
 ) -> tuple:
-    """RepQ-ViT calibration on calib[:32] (GPTQ rounding if `gptq` and no reconstruction), then
-    `iters` reconstruction iterations a block on all of calib."""
+    """RepQ-ViT calibration on calib[:32] (GPTQ rounding if `gptq`), then `iters` reconstruction
+    iterations a block on all of calib (starting from GPTQ's rounding if `gptq`)."""
     import time
     from types import SimpleNamespace
 
@@ -191,6 +212,7 @@ def _recon_and_evaluate(
     settings = SimpleNamespace(
         wbits=config.wbits, abits=config.abits, seed=config.seed, device=config.device,
         calib_size=DRAW_SIZE, recon_iters=iters, recon_images=int(calib.shape[0]), gptq=gptq,
+        input_range=input_range,
     )  # fmt: skip
     t0 = time.perf_counter()
     qmodel = quantize_vit(model, calib, settings)
@@ -227,6 +249,9 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
             name = _bits_name(r) + (f" +recon {r['iters']}" if r.get("iters") else "")
             if report.weight_rounding(r) == "nearest":
                 name += " nearest"
+            grid = report.input_grid(r)
+            if grid != ("calibrated" if calib_label == "real" else "preprocess"):  # not the default
+                name += f" {grid}-input"
             top1.setdefault(name, {}).setdefault(r["dataset"], []).append((r["draw"], r["top1"]))
             secs.setdefault(name, {})[r["draw"]] = r["seconds"]
 
@@ -346,7 +371,8 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
                 "- `+recon N` rows: the same RepQ-ViT calibration on the draw's 32 images, then block reconstruction",
                 "  (`quant.vit.reconstruct`: AdaRound + learned weight and activation steps + QDrop's input mix,",
                 "  N iterations per block, batch 32) on 1,024 images of the calibration draw with draw k's first;",
-                "  their seconds include the reconstruction. The peer column repeats RepQ-ViT's figure.",
+                "  their seconds include the reconstruction. AdaRound starts from GPTQ's rounding (its compensated",
+                "  weights), or in `nearest` rows from the weights themselves. The peer column repeats RepQ-ViT's figure.",
             ]
             if any("+recon" in n for n in names)
             else ["- No block-reconstruction rows in this file (`--recon-iters` adds them)."]
@@ -375,6 +401,11 @@ def other_pools_markdown(rows: list[dict], model_name: str, main_label: str) -> 
         "",
         "Same path and draws of 32 images, taken from the pool (draw k = its images 32k..32k+31);",
         f"Δ is against the {main_label}-image mean of the same setting.",
+        "Rows from a pool take the patch-embedding input grid over the range the model's normalization",
+        "allows (`quant.data.input_range`); `calibrated-input` rows fit it to the pool's images instead, as",
+        "for real images. A pool that never reaches some pixel values then clips those of real images:",
+        "the image grid is the one quantizer that sees raw pixels, and a pool's colour range is the",
+        "statistic least like real data.",
         "",
     ]
     for label in labels:
@@ -388,7 +419,9 @@ def other_pools_markdown(rows: list[dict], model_name: str, main_label: str) -> 
         for name in sorted(n for n in summary if n != "fp32"):
             cells = f"| {name} |"
             for ds in datasets:
-                cur, ref = summary[name].get(ds), main.get(name, {}).get(ds)
+                # against the real row of the same setting (the real one fits its input grid)
+                real_name = name.removesuffix(" calibrated-input")
+                cur, ref = summary[name].get(ds), main.get(real_name, {}).get(ds)
                 delta = f"{cur['mean'] - ref['mean']:+.2f}" if cur and ref else "-"
                 cells += f" {_cell(cur)} | {delta} |"
             lines.append(cells)
@@ -428,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_tiny(args)
     from benchmarks.splits import assets_dir
     from benchmarks.vit_checkpoint import load_cifar_vit
-    from quant.data import build_transform
+    from quant.data import build_transform, input_range
 
     bits = args.bits.split(",")
     unknown = [b for b in bits if b not in BITS]
@@ -461,9 +494,13 @@ def run(args: argparse.Namespace) -> int:
         pool = load_calibration(source, transform, n)
         draws = [pool[k * DRAW_SIZE : (k + 1) * DRAW_SIZE] for k in range(args.draws)]
     results = Path(args.results)
+    grid = (
+        args.input_grid if args.input_grid != "auto" else ("calibrated" if label == "real" else "preprocess")
+    )
     run_settings(
         MODEL, model, evals, draws, bits, results, device=args.device, seed=args.seed, calib_label=label,
         recon_iters=args.recon_iters, pool=pool, weight_rounding=args.weight_rounding,
+        input_range=input_range(cfg) if grid == "preprocess" else None,
     )  # fmt: skip
     print(results / "vit_compare.md")
     return 0
@@ -495,6 +532,9 @@ def _run_tiny(args: argparse.Namespace) -> int:
         calib_label="noise",
         recon_iters=args.recon_iters,
         pool=images if args.recon_iters else None,
+        # noise is not real images: the input grid over a normalization's range, as `auto` does
+        # (this random model has no normalization: +-3 standard deviations of its Gaussian inputs)
+        input_range=(-3.0, 3.0) if args.input_grid != "calibrated" else None,
     )
     print(out / "vit_compare.md")
     return 0

@@ -64,6 +64,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="transformers: block reconstruction iterations on top of RepQ-ViT calibration (default 0: none)",
     )
+    p.add_argument(
+        "--input-grid",
+        choices=["auto", "calibrated", "preprocess"],
+        default="auto",
+        help="transformers: patch-embedding input grid fitted to the calibration images, or covering "
+        "the input range the model's normalization allows (auto: preprocess for pools and noise, "
+        "which may not span it, calibrated for real images)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
     p.add_argument("--eval-batch-size", type=positive_int, default=256)
@@ -103,7 +111,14 @@ def _check_out(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from quant.data import build_transform, load_calibration, noise_calibration, open_dataset, source_kind
+    from quant.data import (
+        build_transform,
+        input_range,
+        load_calibration,
+        noise_calibration,
+        open_dataset,
+        source_kind,
+    )
     from quant.errors import QuantError
     from quant.evaluate import evaluate
     from quant.models import load_model
@@ -133,6 +148,13 @@ def run(args: argparse.Namespace) -> int:
 
     model, data_config = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
     transform = build_transform(data_config)
+    input_grid = args.input_grid
+    if input_grid == "auto":
+        input_grid = (
+            "preprocess" if args.calib == "noise" or source_kind(args.calib) == "pool" else "calibrated"
+        )
+    if input_grid == "preprocess":
+        config.input_range = input_range(data_config)
     progress = not args.no_progress
 
     start = time.perf_counter()
@@ -162,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         "method": method,
         "placement": None if vit else args.placement,
         "equalize": None if vit else args.equalize,
+        "input_grid": input_grid if vit else None,
         "iters": iters,
         "seconds": round(seconds, 2),
         "device": args.device,

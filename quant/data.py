@@ -84,6 +84,21 @@ def build_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
 
 
+def input_range(data_config: dict) -> tuple[float, float]:
+    """The values a model input can take: pixels in [0, 1] after the config's Normalize, as one
+    (lowest, highest) over the channels.
+
+    Why: an input grid fitted on calibration images that never reach some pixel values (a pool
+    distilled from BN statistics stays dark: its brightest value is 0.84 where real CIFAR images
+    reach 2.13) clips real inputs. The preprocessing states the range without any data.
+    """
+    mean = data_config.get("mean") or IMAGENET_MEAN
+    std = data_config.get("std") or IMAGENET_STD
+    lows = [(0.0 - m) / s for m, s in zip(mean, std, strict=True)]
+    highs = [(1.0 - m) / s for m, s in zip(mean, std, strict=True)]
+    return min(lows), max(highs)
+
+
 # ----------------------------------------------------------------------------- sources
 
 

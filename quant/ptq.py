@@ -61,6 +61,10 @@ class QuantConfig:
     #: on MobileNetV1 x0.25 it lifted W8A8 by 3.4-3.8 points but cut its W4A4 genie-m result
     #: (14.7 -> 6.6); the ResNet rows are measured without it.
     equalize: bool = False
+    #: Transformers only: (low, high) of the model input (`quant.data.input_range`); the
+    #: patch-embedding input grid covers it instead of being fitted to the calibration images.
+    #: `dfq quantize` sets it when calibrating on a pool or noise (see `--input-grid`).
+    input_range: tuple[float, float] | None = None
     seed: int = 0
     device: str = "cpu"
 

@@ -50,6 +50,12 @@ def test_vit_weight_rounding_rows_are_their_own_measurement(tmp_path) -> None:
     assert sorted(report.method_label(r) for r in merged) == ["repq-vit", "repq-vit+gptq"]
     merged = report.merge_rows(path, [nearest])  # a rerun with nearest replaces the legacy row
     assert sorted(r["top1"] for r in merged) == [49.0, 51.0]
-    # reconstruction rows and CNN rows carry no weight rounding
-    assert report.weight_rounding(_row(**vit, iters=500)) is None
+    # a reconstruction row's rounding is where it started (legacy ones: nearest); CNN rows have none
+    assert report.weight_rounding(_row(**vit, iters=500)) == "nearest"
+    assert report.weight_rounding(_row(**vit, iters=500, weight_rounding="gptq")) == "gptq"
     assert report.weight_rounding(_row(method="genie-m", weight_rounding="gptq")) is None
+    # the input grid too: rows from before the option were fitted ("calibrated")
+    pre = _row(**vit, weight_rounding="gptq", input_grid="preprocess", top1=52.0)
+    assert report.row_key(pre) != report.row_key(gptq) and report.input_grid(_row(**vit)) == "calibrated"
+    assert report.input_grid(_row(method="genie-m")) is None
+    assert report.method_label(pre) == "repq-vit+gptq (preprocess input)"

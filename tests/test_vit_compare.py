@@ -86,7 +86,16 @@ def test_data_free_rows_get_their_own_section_against_real():
                 fp_top1=71.88, seconds=1.0, dataset=vit_compare.LOSSLESS, wbits=4, abits=4,
                 weight_rounding="gptq")  # fmt: skip
     rows = [report.make_row(**base, calib="real", top1=70.0, draw=k) for k in range(2)]
-    rows += [report.make_row(**base, calib="bn-distill", top1=t, draw=k) for k, t in enumerate((66.0, 67.0))]
+    rows += [
+        report.make_row(**base, calib="bn-distill", top1=t, draw=k, input_grid="preprocess")
+        for k, t in enumerate((66.0, 67.0))
+    ]
     md = vit_compare.other_pools_markdown(rows, "cifar10_vit", "real")
     assert "### bn-distill" in md and "| W4A4 | 66.50 (66.00-67.00) | -3.50 |" in md
+    # a pool's default input grid is the preprocessing's; rows fitted to the pool are named apart
+    fitted = [report.make_row(**base, calib="bn-distill", top1=60.0, draw=0, input_grid="calibrated")]
+    md = vit_compare.other_pools_markdown(rows + fitted, "cifar10_vit", "real")
+    assert (
+        "| W4A4 | 66.50 (66.00-67.00) | -3.50 |" in md and "| W4A4 calibrated-input | 60.00 | -10.00 |" in md
+    )
     assert vit_compare.other_pools_markdown(rows[:2], "cifar10_vit", "real") == ""

@@ -44,7 +44,9 @@ def test_gptq_lies_on_the_grid_and_beats_nearest(bits: int) -> None:
     )
     grid = _grid(w, bits)
     scale, zp = grid.shaped(w)
-    q = gptq_quantize_weight(w, x.t() @ x, scale, zp, grid.qmin, grid.qmax, block=16)  # several lazy blocks
+    q, _ = gptq_quantize_weight(
+        w, x.t() @ x, scale, zp, grid.qmin, grid.qmax, block=16
+    )  # several lazy blocks
     codes = q / scale + zp
     torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
     assert codes.min() >= grid.qmin - 1e-3 and codes.max() <= grid.qmax + 1e-3
@@ -61,9 +63,26 @@ def test_inputs_that_never_fire_do_not_break_it() -> None:
     x[:, 3] = 0
     grid = _grid(w, 4)
     scale, zp = grid.shaped(w)
-    q = gptq_quantize_weight(w, x.t() @ x, scale, zp, grid.qmin, grid.qmax)
+    q, _ = gptq_quantize_weight(w, x.t() @ x, scale, zp, grid.qmin, grid.qmax)
     assert torch.isfinite(q).all()
     assert (q[:, 3] == 0).all()  # a dead input's weight is free: it takes the exact zero
+
+
+def test_compensated_weight_rounds_to_the_gptq_result() -> None:
+    """The compensated weight (each column as GPTQ rounded it) is where reconstruction starts: its
+    nearest rounding must be GPTQ's result, and it must differ from the original weight."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 48, generator=g, dtype=torch.float64)
+    x = torch.randn(256, 8, generator=g, dtype=torch.float64) @ torch.randn(
+        8, 48, generator=g, dtype=torch.float64
+    )
+    grid = _grid(w, 3)
+    scale, zp = grid.shaped(w)
+    q, compensated = gptq_quantize_weight(w, x.t() @ x, scale, zp, grid.qmin, grid.qmax, block=16)
+    assert compensated.dtype == w.dtype and compensated.shape == w.shape
+    torch.testing.assert_close(fake_quant(compensated, scale, zp, grid.qmin, grid.qmax), q, rtol=0, atol=1e-9)
+    torch.testing.assert_close(compensated[:, 0], w[:, 0])  # the first column is rounded as it is
+    assert not torch.allclose(compensated, w)
 
 
 def _vit() -> nn.Module:
@@ -97,15 +116,56 @@ def test_quantize_vit_rounds_by_gptq_by_default() -> None:
         torch.testing.assert_close(q(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_reconstruction_learns_its_own_rounding() -> None:
-    """With block reconstruction GPTQ is skipped: AdaRound starts from the float weights."""
+def _codes(layer: QuantLinear) -> torch.Tensor:
+    scale, zp = layer.ada.scale, layer.ada.zero_point
+    return (layer.ada() / scale + zp).round()
+
+
+@pytest.mark.parametrize("start", ["gptq", "weights"])
+def test_reconstruction_starts_from_gptq_rounding(start: str) -> None:
+    """Reconstruction with nothing to learn (zero learning rates) ends where it starts: on GPTQ's
+    rounding when given GPTQ's compensated weights, on nearest rounding when not."""
+    from quant.reconstruct import ReconSettings
+    from quant.vit.gptq import gptq_round
+    from quant.vit.reconstruct import reconstruct_vit
+
+    model = _vit()
+    calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    q = quantize_vit(model, calib, SimpleNamespace(wbits=3, abits=4, gptq=False))
+    compensated = gptq_round(q, calib)
+    block_linears = {
+        n: m for n, m in q.named_modules() if isinstance(m, QuantLinear) and n.startswith("blocks.")
+    }
+    assert set(block_linears) < set(compensated)  # the head is rounded too
+    gptq_codes = {n: _codes(m) for n, m in block_linears.items()}
+    frozen = ReconSettings(iters=1, lr_alpha=0.0, lr_act=0.0, lr_wscale=0.0, drop_prob=0.0)
+    starts = compensated if start == "gptq" else None
+    reconstruct_vit(q, calib, frozen, torch.Generator().manual_seed(0), start_weights=starts)
+    differs = 0
+    for name, layer in block_linears.items():
+        assert layer.ada is not None and not layer.ada.soft
+        if start == "gptq":
+            torch.testing.assert_close(_codes(layer), gptq_codes[name], rtol=0, atol=0)
+        else:
+            nearest = (layer.weight / layer.ada.scale).round() + layer.ada.zero_point
+            nearest = nearest.clamp(layer.ada.qmin, layer.ada.qmax)
+            torch.testing.assert_close(_codes(layer), nearest, rtol=0, atol=0)
+            differs += int((nearest != gptq_codes[name]).sum())
+    assert start == "gptq" or differs > 0
+
+
+def test_quantize_vit_with_reconstruction_rounds_the_head_by_gptq() -> None:
+    """The head lies outside every block: with reconstruction on it keeps GPTQ's rounding."""
     model = _vit()
     calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     q = quantize_vit(model, calib, SimpleNamespace(wbits=4, abits=4, recon_iters=2, recon_images=32))
     block_linears = [m for m in q.blocks.modules() if isinstance(m, QuantLinear)]
-    assert block_linears and all(m.ada is not None for m in block_linears)
-    head = q.get_classifier()
-    assert head.ada is None  # outside every block: neither GPTQ nor reconstruction touched it
+    assert block_linears and all(m.ada is not None and not m.ada.soft for m in block_linears)
+    assert q.get_classifier().ada is not None
+    plain = quantize_vit(
+        model, calib, SimpleNamespace(wbits=4, abits=4, recon_iters=2, recon_images=32, gptq=False)
+    )
+    assert plain.get_classifier().ada is None
 
 
 def test_gptq_flag_must_be_a_bool() -> None:

@@ -13,10 +13,10 @@ The steps, in order (`quantize_vit`):
    refitted to their new weights;
 3b. GPTQ weight rounding on those grids (`gptq.py`, `gptq=True`, the default): each Linear's
    rounding error is compensated on the calibration inputs instead of rounding to nearest;
-
 4. optionally (`recon_iters > 0`), block reconstruction on top (`reconstruct.py`: AdaRound + learned
-   weight and activation steps + QDrop's input mix, block by block against the float outputs); it
-   learns the rounding itself, so GPTQ is skipped then.
+   weight and activation steps + QDrop's input mix, block by block against the float outputs). It
+   learns the rounding itself, starting from GPTQ's compensated weights (so from GPTQ's rounding)
+   when `gptq` is on, else from the weights themselves (round-to-nearest).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ..errors import QuantError
-from ..quantizers import check_bits
+from ..quantizers import check_bits, grid_from_range
 from .convert import convert_to_quantized, norm_linear_pairs
+from .layers import QuantConv2d
 from .reparam import fold_input_scales
 
 
@@ -53,6 +54,10 @@ class ViTQuantSettings:
     #: block reconstruction on top of the calibration (0: none); it reads `recon_images` images
     recon_iters: int = 0
     recon_images: int = 1024
+    #: (lowest, highest) value of the model input (`quant.data.input_range` of its preprocessing):
+    #: the patch-embedding input grid covers it instead of being fitted to the calibration images.
+    #: None: fitted (right for real images; data-free pools may not span the input range)
+    input_range: tuple[float, float] | None = None
 
     @classmethod
     def from_config(cls, config: object, **overrides: object) -> ViTQuantSettings:
@@ -71,11 +76,34 @@ class ViTQuantSettings:
         for name in ("reparam", "fold_head", "log_sqrt2_only", "gptq"):
             if not isinstance(getattr(s, name), bool):
                 raise QuantError(f"{name} must be true or false, got {getattr(s, name)!r}")
+        if s.input_range is not None:
+            r = s.input_range
+            if (
+                not isinstance(r, (tuple, list))
+                or len(r) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
+                or not r[0] < r[1]
+            ):
+                raise QuantError(f"input_range must be (low, high) numbers with low < high, got {r!r}")
         for name, low in (("calib_size", 1), ("recon_iters", 0), ("recon_images", 1)):
             v = getattr(s, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise QuantError(f"{name} must be an integer >= {low}, got {v!r}")
         return s
+
+
+def _fix_input_grids(qmodel: nn.Module, value_range: tuple[float, float]) -> None:
+    """Give the model-input quantizers (the patch embedding's convolution) a grid over `value_range`.
+
+    Installed before the calibration pass, which then leaves them alone (they are initialized) and
+    fits every later grid to what they pass on.
+    """
+    lo, hi = (torch.tensor(float(v)) for v in value_range)
+    for module in qmodel.modules():
+        quantizer = getattr(module, "input_quantizer", None)
+        if isinstance(module, QuantConv2d) and quantizer is not None and quantizer.enabled:
+            scale, zero_point = grid_from_range(lo, hi, quantizer.qmin, quantizer.qmax, symmetric=False)
+            quantizer.set_grid(scale, zero_point)
 
 
 def _check_calib(calib: torch.Tensor) -> None:
@@ -101,7 +129,9 @@ def quantize_vit(
     the classifier input gets a folded per-channel grid too, exact since pooling commutes with it),
     `log_sqrt2_only` (False: the post-softmax log grid may use a finer base than sqrt2 where the
     bits allow; True: RepQ-ViT's log-sqrt2 everywhere), `gptq` (True: GPTQ weight rounding on the
-    calibration batch; False: nearest rounding). `reparam=False` returns the per-channel model before folding, which
+    calibration batch, and reconstruction starts from it; False: nearest rounding), `input_range`
+    (None: the patch-embedding input grid is fitted like the others; (low, high): it covers that
+    range, see `quant.data.input_range`). `reparam=False` returns the per-channel model before folding, which
     computes the same function up to the refitted weight grids of the folded Linears.
     The input model is left untouched; the copy's `calibration_seconds` attribute says how long
     steps 1-3 took.
@@ -124,16 +154,19 @@ def quantize_vit(
         per_channel_inputs=frozenset(linear for _, linear in pairs),
         log_sqrt2_only=settings.log_sqrt2_only,
     )
+    if settings.input_range is not None:
+        _fix_input_grids(qmodel, settings.input_range)
     qmodel(calib[: settings.calib_size].to(device))
     if settings.reparam:
         for norm_name, linear_name in pairs:
             linear = qmodel.get_submodule(linear_name)
             if linear.input_quantizer.enabled:  # float activations (abits 32): nothing to fold
                 fold_input_scales(qmodel.get_submodule(norm_name), linear)
-    if settings.gptq and settings.recon_iters == 0:
+    gptq_weights = None
+    if settings.gptq:
         from .gptq import gptq_round
 
-        gptq_round(qmodel, calib[: settings.calib_size].to(device))
+        gptq_weights = gptq_round(qmodel, calib[: settings.calib_size].to(device))
     qmodel.calibration_seconds = time.perf_counter() - start
     if settings.recon_iters > 0:
         from ..reconstruct import ReconSettings
@@ -141,7 +174,9 @@ def quantize_vit(
 
         recon = ReconSettings(iters=settings.recon_iters, round_weight=1.0)  # Genie-M's published values
         generator = torch.Generator(device=device).manual_seed(settings.seed)
-        results = reconstruct_vit(qmodel, calib[: settings.recon_images].to(device), recon, generator)
+        results = reconstruct_vit(
+            qmodel, calib[: settings.recon_images].to(device), recon, generator, start_weights=gptq_weights
+        )
         qmodel.reconstruction_history = {n: r.loss for n, r in results.items()}
         qmodel.calibration_seconds = time.perf_counter() - start
     return qmodel

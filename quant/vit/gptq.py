@@ -14,6 +14,13 @@ it (its input quantizer applied), so later layers also absorb earlier layers' er
 The result is stored as a hard `AdaRoundQuantizer` on the layer (`layer.ada`, `soft=False`): the
 float weight stays as it was (float mode and reconstruction targets are unchanged), and export
 already reads integer weights from it.
+
+GPTQ also yields, per layer, the *compensated* float weight: each column as it stood (after the
+updates from the columns before it) when it was rounded. Its round-to-nearest is exactly GPTQ's
+result, so block reconstruction starts AdaRound from it (`h(alpha)` = its fractional part) rather
+than from the original weight: reconstruction then refines GPTQ's rounding instead of restarting
+from round-to-nearest (measured on the CIFAR-10 ViT, W4A4, 500 iterations, draw 0: 71.48 / 68.92 on
+the slice / JPEG set against 70.11 / 68.75 from the original weight).
 """
 
 from __future__ import annotations
@@ -40,13 +47,14 @@ def gptq_quantize_weight(
     qmax: int,
     damp: float = DAMP,
     block: int = BLOCK,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` [out, in] rounded onto the per-row grid (scale, zero_point) [out] by GPTQ.
 
     `hessian` = sum over calibration inputs of x x^T [in, in]. Columns go in their natural order:
     GPTQ's act-order (largest inputs first) measured no better here (W4A4, 3 draws: JPEG 68.93 vs
-    68.91, slice 70.37 vs 70.70). Returns the fake-quantized weight (values on the grid), in
-    `weight`'s dtype.
+    68.91, slice 70.37 vs 70.70). Returns the fake-quantized weight (values on the grid) and the
+    compensated weight (each column as it stood when rounded; its nearest rounding is the first),
+    both in `weight`'s dtype.
     """
     w = weight.detach().double().clone()
     h = hessian.double().clone()
@@ -57,7 +65,7 @@ def gptq_quantize_weight(
     h.diagonal().add_(damp * torch.diag(h).mean())
     # upper Cholesky factor of H^-1: row i holds the update the remaining columns get from column i
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
+    q, compensated = torch.zeros_like(w), torch.zeros_like(w)
     n = w.shape[1]
     for start in range(0, n, block):
         end = min(start + block, n)
@@ -65,13 +73,14 @@ def gptq_quantize_weight(
         hb = hinv[start:end, start:end]
         for i in range(end - start):
             col = wb[:, i : i + 1]
+            compensated[:, start + i : start + i + 1] = col
             qcol = fake_quant(col, scale, zero_point, qmin, qmax)
             q[:, start + i : start + i + 1] = qcol
             err = (col - qcol) / hb[i, i]
             wb[:, i:] -= err @ hb[i : i + 1, i:]
             errs[:, i : i + 1] = err
         w[:, end:] -= errs @ hinv[start:end, end:]
-    return q.to(weight.dtype)
+    return q.to(weight.dtype), compensated.to(weight.dtype)
 
 
 class _Reached(Exception):
@@ -102,21 +111,24 @@ def _input_hessian(model: nn.Module, layer: QuantLinear, calib: torch.Tensor) ->
 
 
 @torch.no_grad()
-def gptq_round(model: nn.Module, calib: torch.Tensor) -> list[str]:
+def gptq_round(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """Round every weight-quantized `QuantLinear` of a calibrated `model` by GPTQ, in order.
 
-    Returns the names of the layers rounded. Layers that already have a rounding (`ada`) are skipped.
+    Returns {layer name: compensated weight} for the layers rounded (the start block reconstruction
+    takes). Layers that already have a rounding (`ada`) are skipped.
     """
-    done = []
+    done = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantLinear) or not layer.weight_quantizer.enabled or layer.ada is not None:
             continue
         hessian = _input_hessian(model, layer, calib)
         wq = layer.weight_quantizer
         scale, zero_point = wq.shaped(layer.weight)
-        rounded = gptq_quantize_weight(layer.weight, hessian, scale, zero_point, wq.qmin, wq.qmax)
+        rounded, compensated = gptq_quantize_weight(
+            layer.weight, hessian, scale, zero_point, wq.qmin, wq.qmax
+        )
         ada = AdaRoundQuantizer(wq, rounded)  # its floor + hard offset reproduce `rounded` exactly
         ada.soft = False
         layer.ada = ada.requires_grad_(False)
-        done.append(name)
+        done[name] = compensated
     return done

@@ -50,8 +50,14 @@ def reconstruct_vit(
     generator: torch.Generator,
     progress: bool = False,
     chain: bool = True,
+    start_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, ReconResult]:
     """Reconstruct every transformer block of the quantized `qmodel` in place, in order.
+
+    `start_weights` ({Linear name: float weight}, e.g. GPTQ's compensated weights from
+    `gptq_round`) sets where a Linear's learned rounding starts: AdaRound's h(alpha) begins at the
+    fractional part of that weight on the grid instead of the layer's own weight. The loss target
+    stays the float model's block output.
 
     A block fed straight by the previous one (the next entry of the same `nn.Sequential`) takes its
     inputs from that block's outputs, float and quantized, so each block costs one block forward
@@ -73,9 +79,15 @@ def reconstruct_vit(
             x_fp, y_fp = capture(qmodel, block, calib, outputs=True)
             set_quant_enabled(qmodel, True)  # only the prefix matters: capture stops at the block
             x_q, _ = capture(qmodel, block, calib, outputs=False)
+        starts = {
+            rel: start_weights[f"{name}.{rel}"]
+            for rel, _ in block.named_modules()
+            if start_weights and f"{name}.{rel}" in start_weights
+        }
         results[name] = reconstruct_block(
-            block, x_q, x_fp, y_fp, settings, generator, progress, desc=f"[{k + 1}/{len(blocks)}] {name}"
-        )
+            block, x_q, x_fp, y_fp, settings, generator, progress, desc=f"[{k + 1}/{len(blocks)}] {name}",
+            start_weights=starts,
+        )  # fmt: skip
         feeds_next = chain and k + 1 < len(blocks) and _feeds(qmodel, name, blocks[k + 1])
         prev_fp, prev_q = (y_fp, run_unit(block, x_q)) if feeds_next else (None, None)
     set_quant_enabled(qmodel, True)
@@ -104,15 +116,27 @@ def reconstruct_block(
     generator: torch.Generator,
     progress: bool = False,
     desc: str = "",
+    start_weights: dict[str, torch.Tensor] | None = None,
 ) -> ReconResult:
-    """One block: learned rounding + steps; on return the rounding is hard and nothing is trainable."""
+    """One block: learned rounding + steps; on return the rounding is hard and nothing is trainable.
+
+    `start_weights` ({name within the block: weight}) initialises those Linears' rounding (see
+    `reconstruct_vit`)."""
     s = settings
-    linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.enabled]
+    start_weights = start_weights or {}
+    linears = [
+        (name, m)
+        for name, m in block.named_modules()
+        if isinstance(m, QuantLinear) and m.weight_quantizer.enabled
+    ]
     roundings = []
-    for layer in linears:
-        layer.ada = AdaRoundQuantizer(
-            layer.weight_quantizer, layer.weight.detach(), learn_scale=s.learn_wscale
-        )
+    for name, layer in linears:
+        start = start_weights.get(name, layer.weight).detach()
+        if start.shape != layer.weight.shape:
+            raise ValueError(
+                f"start weight for {name}: shape {tuple(start.shape)} != {tuple(layer.weight.shape)}"
+            )
+        layer.ada = AdaRoundQuantizer(layer.weight_quantizer, start, learn_scale=s.learn_wscale)
         roundings.append(layer.ada)
     acts = [
         m

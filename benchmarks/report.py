@@ -63,10 +63,12 @@ def placement(row: dict) -> str | None:
 
 def method_label(row: dict) -> str:
     """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
-    cross-layer equalization as `+cle`, the ViT's GPTQ weight rounding as `+gptq` and its image grid
-    over the normalization's range as `(preprocess input)`."""
+    cross-layer equalization as `+cle`, the ViT's GPTQ weight rounding as `+gptq`, its block
+    reconstruction as `+genie-m` (as `dfq quantize` names it) and its image grid over the
+    normalization's range as `(preprocess input)`."""
     label = row["method"] + ("+cle" if row.get("equalize") else "")
     label += "+gptq" if weight_rounding(row) == "gptq" else ""
+    label += "+genie-m" if row["method"] == "repq-vit" and row.get("iters") else ""  # block reconstruction
     label += " (preprocess input)" if input_grid(row) == "preprocess" else ""
     return f"{label} (layer-input)" if placement(row) == "layer-input" else label
 

@@ -59,3 +59,4 @@ def test_vit_weight_rounding_rows_are_their_own_measurement(tmp_path) -> None:
     assert report.row_key(pre) != report.row_key(gptq) and report.input_grid(_row(**vit)) == "calibrated"
     assert report.input_grid(_row(method="genie-m")) is None
     assert report.method_label(pre) == "repq-vit+gptq (preprocess input)"
+    assert report.method_label(_row(**vit, iters=500, weight_rounding="gptq")) == "repq-vit+gptq+genie-m"

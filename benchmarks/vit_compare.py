@@ -157,7 +157,7 @@ def run_settings(
             }
             if recon_iters:
                 calib = _draw_first(calib, pool, k)
-            seconds, scores, qmodel = _recon_and_evaluate(
+            seconds, scores, qmodel = _quantize_and_evaluate(
                 model,
                 calib,
                 config,
@@ -192,7 +192,7 @@ def _draw_first(draw: torch.Tensor, pool: torch.Tensor | None, k: int) -> torch.
     return torch.cat([pool[lo:hi], pool[:lo], pool[hi:]])
 
 
-def _recon_and_evaluate(
+def _quantize_and_evaluate(
     model,
     calib: torch.Tensor,
     config,

@@ -18,14 +18,7 @@ from quant.errors import QuantError
 from quant.quantizers import UniformQuantizer, fake_quant
 from quant.vit import QuantLinear, quantize_vit, set_quant_enabled
 from quant.vit.gptq import gptq_quantize_weight
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_vit import _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
 
 def _grid(weight: torch.Tensor, bits: int) -> UniformQuantizer:

@@ -16,14 +16,7 @@ import torch
 from quant.data import input_range
 from quant.errors import QuantError
 from quant.vit import quantize_vit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_vit import _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
 
 def test_input_range_of_a_normalization() -> None:

@@ -100,8 +100,8 @@ def _fix_input_grids(qmodel: nn.Module, value_range: tuple[float, float]) -> Non
     """
     lo, hi = (torch.tensor(float(v)) for v in value_range)
     for module in qmodel.modules():
-        quantizer = getattr(module, "input_quantizer", None)
-        if isinstance(module, QuantConv2d) and quantizer is not None and quantizer.enabled:
+        if isinstance(module, QuantConv2d) and module.input_quantizer.enabled:
+            quantizer = module.input_quantizer
             scale, zero_point = grid_from_range(lo, hi, quantizer.qmin, quantizer.qmax, symmetric=False)
             quantizer.set_grid(scale, zero_point)
 

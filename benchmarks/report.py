@@ -28,13 +28,14 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, CLE,
-    the ViT weight rounding and input grid."""
+    the ViT weight rounding, input grid and head rotation."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
         bool(row.get("equalize")),
         weight_rounding(row),
         input_grid(row),
+        head_rotation(row),
     )
 
 
@@ -54,6 +55,14 @@ def input_grid(row: dict) -> str | None:
     return row.get("input_grid") or "calibrated"
 
 
+def head_rotation(row: dict) -> str | None:
+    """A ViT row's attention-head rotation: `hadamard` (`quant.vit.rotate`) or `none` (rows from
+    before the option)."""
+    if row.get("method") != "repq-vit":
+        return None
+    return row.get("head_rotation") or "none"
+
+
 def placement(row: dict) -> str | None:
     """A CNN row's activation placement (rows written before the option existed are block-output)."""
     if row.get("method") in ("fp32", "repq-vit"):
@@ -63,10 +72,11 @@ def placement(row: dict) -> str | None:
 
 def method_label(row: dict) -> str:
     """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
-    cross-layer equalization as `+cle`, the ViT's GPTQ weight rounding as `+gptq`, its block
-    reconstruction as `+genie-m` (as `dfq quantize` names it) and its image grid over the
-    normalization's range as `(preprocess input)`."""
+    cross-layer equalization as `+cle`, the ViT's head rotation as `+rot`, its GPTQ weight rounding
+    as `+gptq`, its block reconstruction as `+genie-m` (as `dfq quantize` names it) and its image
+    grid over the normalization's range as `(preprocess input)`."""
     label = row["method"] + ("+cle" if row.get("equalize") else "")
+    label += "+rot" if head_rotation(row) == "hadamard" else ""
     label += "+gptq" if weight_rounding(row) == "gptq" else ""
     label += "+genie-m" if row["method"] == "repq-vit" and row.get("iters") else ""  # block reconstruction
     label += " (preprocess input)" if input_grid(row) == "preprocess" else ""

@@ -74,6 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="GPTQ weight rounding (our default; reconstruction starts from it) or nearest (RepQ-ViT's)",
     )
     p.add_argument(
+        "--head-rotation",
+        default="hadamard",
+        choices=["hadamard", "none"],
+        help="per-head Hadamard rotation of q and k folded into the weights (our default) or none (RepQ-ViT's)",
+    )
+    p.add_argument(
         "--input-grid",
         choices=["auto", "calibrated", "preprocess"],
         default="auto",
@@ -133,13 +139,15 @@ def run_settings(
     pool: torch.Tensor | None = None,
     weight_rounding: str = "gptq",
     input_range: tuple[float, float] | None = None,
+    head_rotation: str = "hadamard",
 ) -> list[dict]:
     """fp32 rows, then one quantized row per bits x draw x eval set; written as they come; merged rows.
 
     With `recon_iters`, each draw is followed by block reconstruction on `pool` (draw k moved first,
     so the RepQ initialisation still sees exactly draw k) and rows carry `iters=recon_iters`; rows
-    carry `weight_rounding` (gptq or nearest: the rounding, or where reconstruction started) and
-    `input_grid` (preprocess when `input_range` fixes the patch-embedding input grid, else calibrated).
+    carry `weight_rounding` (gptq or nearest: the rounding, or where reconstruction started),
+    `input_grid` (preprocess when `input_range` fixes the patch-embedding input grid, else calibrated)
+    and `head_rotation` (hadamard or none).
     """
     from quant.ptq import QuantConfig
 
@@ -154,6 +162,7 @@ def run_settings(
             extra = {
                 "weight_rounding": weight_rounding,
                 "input_grid": "calibrated" if input_range is None else "preprocess",
+                "head_rotation": head_rotation,
             }
             if recon_iters:
                 calib = _draw_first(calib, pool, k)
@@ -165,6 +174,7 @@ def run_settings(
                 evals,
                 gptq=weight_rounding == "gptq",
                 input_range=input_range,
+                rotate_heads=head_rotation == "hadamard",
             )
             seconds = getattr(qmodel, "calibration_seconds", seconds)
             new = accuracy.rows_for(
@@ -200,9 +210,11 @@ def _quantize_and_evaluate(
     evals: dict,
     gptq: bool = True,
     input_range: tuple[float, float] | None = None,
+    rotate_heads: bool = True,
 ) -> tuple:
-    """RepQ-ViT calibration on calib[:32] (GPTQ rounding if `gptq`), then `iters` reconstruction
-    iterations a block on all of calib (starting from GPTQ's rounding if `gptq`)."""
+    """RepQ-ViT calibration on calib[:32] (heads rotated first if `rotate_heads`, GPTQ rounding if
+    `gptq`), then `iters` reconstruction iterations a block on all of calib (starting from GPTQ's
+    rounding if `gptq`)."""
     import time
     from types import SimpleNamespace
 
@@ -212,7 +224,7 @@ def _quantize_and_evaluate(
     settings = SimpleNamespace(
         wbits=config.wbits, abits=config.abits, seed=config.seed, device=config.device,
         calib_size=DRAW_SIZE, recon_iters=iters, recon_images=int(calib.shape[0]), gptq=gptq,
-        input_range=input_range,
+        input_range=input_range, rotate_heads=rotate_heads,
     )  # fmt: skip
     t0 = time.perf_counter()
     qmodel = quantize_vit(model, calib, settings)
@@ -249,6 +261,8 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
             name = _bits_name(r) + (f" +recon {r['iters']}" if r.get("iters") else "")
             if report.weight_rounding(r) == "nearest":
                 name += " nearest"
+            if report.head_rotation(r) == "none":
+                name += " unrotated"
             grid = report.input_grid(r)
             if grid != ("calibrated" if calib_label == "real" else "preprocess"):  # not the default
                 name += f" {grid}-input"
@@ -302,10 +316,11 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
     lines = [
         f"# Side by side with RepQ-ViT (PEERS.md), {model_name}",
         "",
-        "Ours: `quant.vit.quantize_vit` (per-channel weights, per-channel post-LayerNorm activations folded",
-        "into the LayerNorm and next Linear, log post-softmax grid, patch-embedding weights and input and head",
-        "weights at 8 bits, GPTQ weight rounding), calibrated on one batch of 32 real images, no iterations;",
-        "`nearest` rows round weights to nearest as RepQ-ViT does. Each setting runs on several",
+        "Ours: `quant.vit.quantize_vit` (per-head Hadamard rotation of q and k folded into the qkv weights,",
+        "per-channel weights, per-channel post-LayerNorm activations folded into the LayerNorm and next",
+        "Linear, log post-softmax grid, patch-embedding weights and input and head weights at 8 bits, GPTQ",
+        "weight rounding), calibrated on one batch of 32 real images, no iterations; `nearest` rows round",
+        "weights to nearest as RepQ-ViT does, `unrotated` rows keep the weights as given. Each setting runs on several",
         "batches: draw k is images 32k..32k+31 of the ASSETS.md calibration draw (draw 0 is the peer's",
         "batch). Cells: mean (min-max) of top-1 over the draws; the peer's figure is its single run on",
         "draw 0. Calibration seconds: ours mean (min-max) over draws against the peer's.",
@@ -361,8 +376,9 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "Notes:",
         "",
         "- RepQ-ViT did not measure W3A3 on this ViT (PEERS.md), so that row has no peer figure.",
-        "- Plain bits rows: GPTQ weight rounding (`quant.vit.gptq`, the default) on the same 32 images and",
-        "  grids; `nearest` rows: the same path with round-to-nearest weights (RepQ-ViT's rounding).",
+        "- Plain bits rows: q and k rotated per head (`quant.vit.rotate`, the default) and GPTQ weight rounding",
+        "  (`quant.vit.gptq`, the default) on the same 32 images and grids; `nearest` rows: round-to-nearest",
+        "  weights (RepQ-ViT's rounding); `unrotated` rows: without the rotation (rows measured before it).",
         f"- PEERS.md: RepQ-ViT's W4A4 on four other 32-image batches gave {lo_l:.2f}-{hi_l:.2f} on the",
         f"  lossless slice and {lo_j:.2f}-{hi_j:.2f} on the JPEG set; its single draw-0 figure is one",
         "  sample of that spread, so compare our mean and range with it, not one draw.",
@@ -500,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
     run_settings(
         MODEL, model, evals, draws, bits, results, device=args.device, seed=args.seed, calib_label=label,
         recon_iters=args.recon_iters, pool=pool, weight_rounding=args.weight_rounding,
-        input_range=input_range(cfg) if grid == "preprocess" else None,
+        input_range=input_range(cfg) if grid == "preprocess" else None, head_rotation=args.head_rotation,
     )  # fmt: skip
     print(results / "vit_compare.md")
     return 0

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     vit = not hasattr(qmodel, "_dfq_meta")  # the transformer path (RepQ-ViT calibration)
     if vit:
         method, iters = (
-            ("repq-vit+genie-m" if args.vit_recon_iters else "repq-vit+gptq"),
+            ("repq-vit+rot+genie-m" if args.vit_recon_iters else "repq-vit+rot+gptq"),
             args.vit_recon_iters,
         )
     else:

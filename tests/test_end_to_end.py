@@ -102,7 +102,7 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
         assert result["n_calib"] == 16 and result["n_eval"] == 16 and result["calib"] == str(pool)
         assert 0.0 <= result["top1"] <= 100.0 and 0.0 <= result["fp_top1"] <= 100.0
     assert cnn["iters"] == 4 and cnn["method"] == "genie-m"
-    assert vit["iters"] == 2 and vit["method"] == "repq-vit+genie-m" and vit["placement"] is None
+    assert vit["iters"] == 2 and vit["method"] == "repq-vit+rot+genie-m" and vit["placement"] is None
     # a pool may not span the input range: the ViT's image grid then comes from the normalization
     assert vit["input_grid"] == "preprocess" and cnn["input_grid"] is None
 

@@ -60,3 +60,8 @@ def test_vit_weight_rounding_rows_are_their_own_measurement(tmp_path) -> None:
     assert report.input_grid(_row(method="genie-m")) is None
     assert report.method_label(pre) == "repq-vit+gptq (preprocess input)"
     assert report.method_label(_row(**vit, iters=500, weight_rounding="gptq")) == "repq-vit+gptq+genie-m"
+    # and the head rotation: rows from before it had none
+    rot = _row(**vit, weight_rounding="gptq", head_rotation="hadamard", top1=53.0)
+    assert report.row_key(rot) != report.row_key(gptq) and report.head_rotation(gptq) == "none"
+    assert report.head_rotation(_row(method="genie-m")) is None
+    assert report.method_label(rot) == "repq-vit+rot+gptq"

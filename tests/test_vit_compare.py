@@ -29,7 +29,7 @@ def test_tiny_form_writes_rows_and_side_by_side(tmp_path):
     q = next(r for r in rows if r["method"] == "repq-vit")
     assert (fp["wbits"], fp["abits"], fp["n_calib"]) == (32, 32, 0)
     assert (q["wbits"], q["abits"], q["n_calib"], q["iters"], q["draw"]) == (4, 4, 32, 0, 0)
-    assert q["weight_rounding"] == "gptq"
+    assert q["weight_rounding"] == "gptq" and q["head_rotation"] == "hadamard"
     assert q["fp_top1"] == fp["top1"] and q["seconds"] >= 0
 
     md = (tmp_path / "vit_compare.md").read_text()
@@ -55,7 +55,7 @@ def test_tiny_form_with_block_reconstruction(tmp_path):
 
 def test_summary_over_draws_and_peer_columns():
     base = dict(model="cifar10_vit", calib="real", method="repq-vit", n_calib=32, iters=0, n_eval=1017,
-                weight_rounding="gptq")  # fmt: skip
+                weight_rounding="gptq", head_rotation="hadamard")  # fmt: skip
     rows = [
         report.make_row(**base, dataset=vit_compare.LOSSLESS, wbits=4, abits=4, top1=t, top5=99.0,
                         fp_top1=71.88, seconds=s, draw=k)
@@ -70,6 +70,11 @@ def test_summary_over_draws_and_peer_columns():
     md = vit_compare.compare_markdown(rows, "cifar10_vit")
     assert "70.00 (69.00-71.00) | 69.71 | +0.29" in md
     assert "| W4A4 | 69.00 | 69.71 |" in md  # the draw-0 table
+    # rows from before the head rotation had none: their own line, same peer
+    plain = [{k: v for k, v in r.items() if k != "head_rotation"} for r in rows]
+    assert "| W4A4 unrotated | 0,1,2 | 70.00 (69.00-71.00) | 69.71 |" in vit_compare.compare_markdown(
+        rows + plain, "cifar10_vit"
+    )
     # rows from before GPTQ (no weight_rounding field) rounded to nearest: their own line, same peer
     old = [{k: v for k, v in r.items() if k != "weight_rounding"} for r in rows]
     assert report.row_key(old[0]) != report.row_key(rows[0])
@@ -84,7 +89,7 @@ def test_summary_over_draws_and_peer_columns():
 def test_data_free_rows_get_their_own_section_against_real():
     base = dict(model="cifar10_vit", method="repq-vit", n_calib=32, iters=0, n_eval=1017, top5=99.0,
                 fp_top1=71.88, seconds=1.0, dataset=vit_compare.LOSSLESS, wbits=4, abits=4,
-                weight_rounding="gptq")  # fmt: skip
+                weight_rounding="gptq", head_rotation="hadamard")  # fmt: skip
     rows = [report.make_row(**base, calib="real", top1=70.0, draw=k) for k in range(2)]
     rows += [
         report.make_row(**base, calib="bn-distill", top1=t, draw=k, input_grid="preprocess")

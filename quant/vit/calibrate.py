@@ -1,7 +1,9 @@
 """RepQ-ViT-style post-training quantization of a timm ViT / DeiT / Swin from one calibration batch.
 
 The steps, in order (`quantize_vit`):
-1. copy the model and swap its layers for fake-quantized ones (`convert.py`): per-channel weight
+1. copy the model; with `rotate_heads` (the default) fold a per-head Hadamard rotation into the
+   copy's q and k weights (`rotate.py`: q @ k^T is unchanged, the 4-bit q and k grids see evened-out
+   channel ranges); swap its layers for fake-quantized ones (`convert.py`): per-channel weight
    grids; per-tensor activation grids, except per-channel grids on the inputs of Linears fed by a
    LayerNorm; a log grid on post-softmax attention (log-sqrt2, or a finer power-of-two base where
    the bits allow);
@@ -33,6 +35,7 @@ from ..quantizers import check_bits, grid_from_range
 from .convert import convert_to_quantized, norm_linear_pairs
 from .layers import QuantConv2d
 from .reparam import fold_input_scales
+from .rotate import rotate_heads
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class ViTQuantSettings:
     reparam: bool = True
     fold_head: bool = True
     log_sqrt2_only: bool = False
+    #: per-head Hadamard rotation of q and k folded into the attention weights before
+    #: calibration (`rotate.py`; False: the weights as given, as RepQ-ViT)
+    rotate_heads: bool = True
     #: GPTQ weight rounding after calibration (False: round to nearest, as RepQ-ViT)
     gptq: bool = True
     #: block reconstruction on top of the calibration (0: none); it reads `recon_images` images
@@ -73,7 +79,7 @@ class ViTQuantSettings:
             check_bits(s.first_last_bits, "first_last_bits")
         if s.head_wbits is not None:
             check_bits(s.head_wbits, "head_wbits")
-        for name in ("reparam", "fold_head", "log_sqrt2_only", "gptq"):
+        for name in ("reparam", "fold_head", "log_sqrt2_only", "gptq", "rotate_heads"):
             if not isinstance(getattr(s, name), bool):
                 raise QuantError(f"{name} must be true or false, got {getattr(s, name)!r}")
         if s.input_range is not None:
@@ -131,8 +137,10 @@ def quantize_vit(
     bits allow; True: RepQ-ViT's log-sqrt2 everywhere), `gptq` (True: GPTQ weight rounding on the
     calibration batch, and reconstruction starts from it; False: nearest rounding), `input_range`
     (None: the patch-embedding input grid is fitted like the others; (low, high): it covers that
-    range, see `quant.data.input_range`). `reparam=False` returns the per-channel model before folding, which
-    computes the same function up to the refitted weight grids of the folded Linears.
+    range, see `quant.data.input_range`), `rotate_heads` (True: per-head Hadamard rotation of q and
+    k folded into the weights first; False: RepQ-ViT's weights as given). `reparam=False` returns
+    the per-channel model before folding, which computes the same function up to the refitted
+    weight grids of the folded Linears.
     The input model is left untouched; the copy's `calibration_seconds` attribute says how long
     steps 1-3 took.
     """
@@ -142,6 +150,8 @@ def quantize_vit(
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)
     qmodel = copy.deepcopy(model).eval().to(device).requires_grad_(False)  # only quantizer params train
+    if settings.rotate_heads:
+        rotate_heads(qmodel)
     pairs = norm_linear_pairs(qmodel, include_head=settings.fold_head)
     edge_w = settings.first_last_bits or settings.wbits
     edge_a = settings.first_last_bits or settings.abits

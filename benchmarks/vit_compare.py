@@ -477,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_tiny(args)
     from benchmarks.splits import assets_dir
     from benchmarks.vit_checkpoint import load_cifar_vit
-    from quant.data import build_transform, input_range
+    from quant.data import build_transform, input_grid_for, input_range
 
     bits = args.bits.split(",")
     unknown = [b for b in bits if b not in BITS]
@@ -510,9 +510,7 @@ def run(args: argparse.Namespace) -> int:
         pool = load_calibration(source, transform, n)
         draws = [pool[k * DRAW_SIZE : (k + 1) * DRAW_SIZE] for k in range(args.draws)]
     results = Path(args.results)
-    grid = (
-        args.input_grid if args.input_grid != "auto" else ("calibrated" if label == "real" else "preprocess")
-    )
+    grid = input_grid_for(args.input_grid, real_images=label == "real")
     run_settings(
         MODEL, model, evals, draws, bits, results, device=args.device, seed=args.seed, calib_label=label,
         recon_iters=args.recon_iters, pool=pool, weight_rounding=args.weight_rounding,
@@ -526,6 +524,11 @@ def _run_tiny(args: argparse.Namespace) -> int:
     """CI form: random small timm ViT, random tensors (calib "noise"), W4A4, one draw; rows into a temp dir."""
     from timm.models.vision_transformer import VisionTransformer
 
+    from quant.data import input_grid_for
+
+    # noise is not real images: the input grid over a normalization's range, as `auto` does
+    # (this random model has no normalization: +-3 standard deviations of its Gaussian inputs)
+    fixed_grid = input_grid_for(args.input_grid, real_images=False) == "preprocess"
     torch.manual_seed(0)
     model = VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2, num_classes=10
@@ -548,9 +551,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
         calib_label="noise",
         recon_iters=args.recon_iters,
         pool=images if args.recon_iters else None,
-        # noise is not real images: the input grid over a normalization's range, as `auto` does
-        # (this random model has no normalization: +-3 standard deviations of its Gaussian inputs)
-        input_range=(-3.0, 3.0) if args.input_grid != "calibrated" else None,
+        input_range=(-3.0, 3.0) if fixed_grid else None,
     )
     print(out / "vit_compare.md")
     return 0

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quant.data import (
         build_transform,
+        input_grid_for,
         input_range,
         load_calibration,
         noise_calibration,
@@ -139,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     _check_source(args.calib, "calibration source")
-    if args.calib != "noise" and source_kind(args.calib) == "pool":
+    from_pool = args.calib != "noise" and source_kind(args.calib) == "pool"
+    if from_pool:
         shard_urls(args.calib, verify=args.verify)  # a corrupt shard fails here, naming it
     if args.eval:
         _check_source(args.eval, "evaluation data")
@@ -148,11 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, data_config = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
     transform = build_transform(data_config)
-    input_grid = args.input_grid
-    if input_grid == "auto":
-        input_grid = (
-            "preprocess" if args.calib == "noise" or source_kind(args.calib) == "pool" else "calibrated"
-        )
+    input_grid = input_grid_for(args.input_grid, real_images=not (from_pool or args.calib == "noise"))
     if input_grid == "preprocess":
         config.input_range = input_range(data_config)
     progress = not args.no_progress

@@ -99,6 +99,16 @@ def input_range(data_config: dict) -> tuple[float, float]:
     return min(lows), max(highs)
 
 
+def input_grid_for(choice: str, real_images: bool) -> str:
+    """The patch-embedding input grid for a `--input-grid` choice: `calibrated` (fitted to the
+    calibration images) or `preprocess` (over `input_range`). `auto`: real images span the input
+    range, so their fitted grid is right; pools and noise need not (a distilled pool stays dark),
+    so theirs comes from the preprocessing."""
+    if choice != "auto":
+        return choice
+    return "calibrated" if real_images else "preprocess"
+
+
 # ----------------------------------------------------------------------------- sources
 
 

@@ -19,7 +19,8 @@ GPTQ also yields, per layer, the *compensated* float weight: each column as it s
 updates from the columns before it) when it was rounded. Its round-to-nearest is exactly GPTQ's
 result, so block reconstruction starts AdaRound from it (`h(alpha)` = its fractional part) rather
 than from the original weight: reconstruction then refines GPTQ's rounding instead of restarting
-from round-to-nearest. Measured on the CIFAR-10 ViT (W4A4, 500 iterations a block) this is no gain
+from round-to-nearest. Measured on the CIFAR-10 ViT (W4A4, 500 iterations a block, before the head
+rotation) this is no gain
 in the mean: 70.26 / 68.86 on the slice / JPEG set over 5 draws, against 70.25 / 68.85 from the
 original weight over draws 0-1 (matched draws: slice +0.49 on both, JPEG -0.20 and -0.10); it is
 kept because it starts from the better rounding, and calibration with GPTQ alone stays ahead.

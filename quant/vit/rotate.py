@@ -40,12 +40,10 @@ def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 def _rotatable(module: nn.Module) -> tuple[int, int] | None:
     """(heads, head dim) of an attention whose q/k rotation is exact, else None."""
-    if isinstance(module, WindowAttention):
-        pass
-    elif type(module) is Attention:  # subclasses (rope, etc.) compute something else
+    if type(module) is Attention:  # subclasses (rope, etc.) compute something else
         if not (isinstance(module.q_norm, nn.Identity) and isinstance(module.k_norm, nn.Identity)):
             return None  # a norm over the head dim does not commute with a rotation
-    else:
+    elif not isinstance(module, WindowAttention):
         return None
     if not isinstance(getattr(module, "qkv", None), nn.Linear):
         return None

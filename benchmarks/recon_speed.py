@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import accuracy, report
+from launch.errors import UsageError
 
 #: PEERS.md: one Genie-M iteration over all 11 units of the ResNet-20, batch 32, on this machine kind
 PEER_S_PER_ITER = 0.32
@@ -182,9 +184,9 @@ def run(args: argparse.Namespace) -> int:
     from quant.ptq import QuantConfig, capture, quantize_model
 
     if args.iters < 5 and not args.tiny:
-        raise SystemExit(f"recon-speed: --iters must be at least 5, got {args.iters}")
+        raise UsageError(f"recon-speed: --iters must be at least 5, got {args.iters}")
     if args.reps < 1:
-        raise SystemExit(f"recon-speed: --reps must be at least 1, got {args.reps}")
+        raise UsageError(f"recon-speed: --reps must be at least 1, got {args.reps}")
     if args.tiny:
         args.iters, args.reps = min(args.iters, 3), 1
         if args.results == "benchmarks/results":
@@ -281,7 +283,11 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    try:
+        return run(p.parse_args(argv))
+    except UsageError as err:  # one line and exit code 2, as through `dfq bench recon-speed`
+        print(err, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def test_tiny_form_writes_one_row_per_block(tmp_path) -> None:
     assert "| **all blocks** |" in (tmp_path / "recon_speed.md").read_text()
 
 
-def test_bad_repetitions_is_one_line_error() -> None:
-    with pytest.raises(SystemExit, match="--reps must be at least 1, got 0"):
-        recon_speed.main(["--tiny", "--reps", "0"])
+def test_bad_repetitions_is_one_line_error(capsys) -> None:
+    assert recon_speed.main(["--tiny", "--reps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "recon-speed: --reps must be at least 1, got 0"

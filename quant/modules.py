@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .quantizers import AdaRoundQuantizer, UniformQuantizer, fake_quant
 
 # Elements kept when an activation grid is searched: an MSE search over a strided subsample of
@@ -36,7 +37,7 @@ def _memory_flat(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def dense_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b) without the layout copies `reshape(-1)` makes of channels-last tensors.
 
     Reconstruction keeps activations channels-last; flattening them in logical order copied two
@@ -82,14 +83,67 @@ class _LsqQuant(torch.autograd.Function):
             grad_x = torch.addcmul(grad, g_q, outside, value=-1.0)
         if ctx.needs_input_grad[1]:  # LSQ: round(t) - t inside the range, the bound outside
             term = (c - t).addcmul_(t, outside)
-            grad_s = _dot(g_q, term).reshape(scale.shape)
+            grad_s = dense_dot(g_q, term).reshape(scale.shape)
         return grad_x, grad_s, None, None, None
 
 
+class _FusedLsqQuant(torch.autograd.Function):
+    """`_LsqQuant` (after an optional ReLU) as one compiled pass forward and one backward (`quant.fused`).
+
+    Saves only the input: the backward recomputes the rounding inside the same pass that forms the
+    gradients, which costs nothing extra where the pass is memory-bound.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, keep_fp, lo: float, hi: float, relu: bool):  # type: ignore[override]
+        ctx.save_for_backward(x, scale, keep_fp)
+        ctx.args = (lo, hi, relu)
+        return fused.ops().lsq_forward(x, scale, keep_fp, lo, hi, relu)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, scale, keep_fp = ctx.saved_tensors
+        lo, hi, relu = ctx.args
+        if not fused.usable(grad, x):  # autograd may hand a gradient in another layout
+            grad = grad.contiguous(memory_format=_layout(x))
+            if not fused.usable(grad, x):
+                grad = torch.empty_like(x).copy_(grad)
+        grad_x, grad_s = fused.ops().lsq_backward(
+            grad, x, scale, keep_fp, lo, hi, relu, ctx.needs_input_grad[0]
+        )
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_s.reshape(scale.shape) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def lsq_quant(
-    x: torch.Tensor, scale: torch.Tensor, lo: float, hi: float, keep_fp: torch.Tensor | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    lo: float,
+    hi: float,
+    keep_fp: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> torch.Tensor:
-    """`scale * clamp(round(x / scale), lo, hi)`, with `x` kept where `keep_fp` is 1 (QDrop)."""
+    """`scale * clamp(round(v / scale), lo, hi)`, with `v` kept where `keep_fp` is 1 (QDrop).
+
+    `v = relu(x)` with `relu=True` (a ReLU fused in front, one pass fewer each way), else `x`.
+    Uses the compiled kernels where they are built and take these tensors; the ATen form otherwise.
+    """
+    if scale.numel() == 1 and fused.usable(x, keep_fp) and fused.ops() is not None:
+        return _FusedLsqQuant.apply(x, scale, keep_fp, lo, hi, relu)
+    if relu:
+        x = F.relu(x)
     return _LsqQuant.apply(x, scale, keep_fp, lo, hi)
 
 
@@ -188,10 +242,14 @@ class QuantAct(nn.Module):
         self._bounds = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """Quantize `x` (or `relu(x)` with `relu=True`: the layer's ReLU fused into the quantizer)."""
+        active = self.enabled and self.quant.enabled
+        if relu and (self.observing or not active):
+            x, relu = F.relu(x), False
         if self.observing:
             self.calibrate(x)
-        if not self.enabled or not self.quant.enabled:
+        if not active:
             return x
         keep = None
         if self.drop_prob > 0.0:
@@ -199,7 +257,7 @@ class QuantAct(nn.Module):
                 raise RuntimeError("QuantAct.drop_prob > 0 needs a MaskPool of that probability in .masks")
             keep = self.masks.draw(x)
         lo, hi = self.bounds()
-        return lsq_quant(x, self.quant.scale, lo, hi, keep)
+        return lsq_quant(x, self.quant.scale, lo, hi, keep, relu)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -246,6 +304,8 @@ class _WeightQuant:
         return fake_quant(self.weight, scale, zp, self.wq.qmin, self.wq.qmax)
 
     def _post(self, y: torch.Tensor) -> torch.Tensor:
+        if type(self.act) is nn.ReLU and isinstance(self.out_quant, QuantAct):  # fused: one pass fewer each way
+            return self.out_quant(y, relu=True)
         if self.act is not None:
             y = self.act(y)
         if self.out_quant is not None:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .modules import MaskPool, act_quantizers, weight_layers
+from .adam import LoopAdam
+from .modules import MaskPool, act_quantizers, dense_dot, weight_layers
 
 
 @dataclass
@@ -54,15 +55,34 @@ def rounding_beta(step: int, s: ReconSettings) -> float:
     return s.beta_range[1] + (s.beta_range[0] - s.beta_range[1]) * max(0.0, 1.0 - rel)
 
 
+class _SquaredError(torch.autograd.Function):
+    """`w * sum((pred - target)^2)` with its gradient `2 w (pred - target) g`, in one pass each way.
+
+    Autograd of the plain expression keeps `diff` and `diff * diff` and spends three passes on the
+    backward of the product; here the difference is the only saved tensor. It keeps the layout of
+    `pred`, so a channels-last activation's gradient stays channels-last for the ops behind it.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, target, weight: float):  # type: ignore[override]
+        diff = pred - target
+        ctx.save_for_backward(diff)
+        ctx.weight = weight
+        return dense_dot(diff, diff) * weight
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (diff,) = ctx.saved_tensors
+        return diff * (grad * (2.0 * ctx.weight)), None, None
+
+
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels (dim 1), averaged over batch and positions (QDrop's lp_loss).
 
-    Written as `(pred - target)^2` rather than `F.mse_loss`: its gradient then keeps the
-    channels-last layout of the activations, where `mse_loss`'s backward returns NCHW, and every
-    elementwise backward op after it (ReLU, LSQ) would run on mixed layouts, up to 40x slower on CPU.
+    Not `F.mse_loss`: its backward returns NCHW gradients for channels-last activations, and every
+    elementwise backward op after it (ReLU, LSQ) would then run on mixed layouts, up to 40x slower on CPU.
     """
-    diff = pred - target
-    return diff.mul(diff).sum() * (pred.shape[1] / pred.numel())
+    return _SquaredError.apply(pred, target, pred.shape[1] / pred.numel())
 
 
 def _to_nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -153,15 +173,11 @@ def optimise(
     callers whose tensors are stored as the unit takes them pass `index_rows`. On return the rounding
     is hard and nothing is trainable.
     """
-    scale_groups = [{"params": list(act_scales), "lr": s.lr_act}]
+    scale_groups = [(list(act_scales), s.lr_act)]
     if s.learn_wscale:
-        scale_groups.append({"params": [r.scale for r in roundings], "lr": s.lr_wscale})
-    scale_groups = [g for g in scale_groups if g["params"]]
-    # fused: one kernel per step instead of ~10 small ops per parameter (CPU and CUDA alike)
-    fused = {"fused": True} if x_q.device.type in ("cpu", "cuda") else {}
-    opt_alpha = torch.optim.Adam([r.alpha for r in roundings], lr=s.lr_alpha, **fused) if roundings else None
-    opt_scale = torch.optim.Adam(scale_groups, **fused) if scale_groups else None
-    optimizers = [o for o in (opt_alpha, opt_scale) if o is not None]
+        scale_groups.append(([r.scale for r in roundings], s.lr_wscale))
+    opt_alpha = LoopAdam([([r.alpha for r in roundings], s.lr_alpha)]) if roundings else None
+    opt_scale = LoopAdam(scale_groups) if any(ps for ps, _ in scale_groups) else None
 
     history = torch.zeros(s.iters, device=x_q.device)
     steps = range(s.iters)
@@ -181,7 +197,7 @@ def optimise(
             generator,
             masks,
             roundings,
-            optimizers,
+            opt_alpha,
             opt_scale,
             loss_fn,
             history,
@@ -198,20 +214,19 @@ def optimise(
 
 
 def _train(
-    unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, optimizers, opt_scale, loss_fn, history,
+    unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, opt_alpha, opt_scale, loss_fn, history,
     gather,
 ) -> None:  # fmt: skip
     """The optimisation loop of `optimise` (no host reads inside).
 
     The steps' learning rates follow a cosine from their initial value to 0 over `iters`
-    (`CosineAnnealingLR`'s closed form, set directly: the scheduler object costs more per step than
-    the smaller units' arithmetic on CPU).
+    (`CosineAnnealingLR`'s closed form, applied at each step: the scheduler object costs more per
+    step than the smaller units' arithmetic on CPU).
     """
     n = x_q.shape[0]
     bs = min(s.batch_size, n)
     warm = s.warmup * s.iters
-    scales = [p for g in opt_scale.param_groups for p in g["params"]] if opt_scale else []
-    base_lrs = [g["lr"] for g in opt_scale.param_groups] if opt_scale else []
+    scales = opt_scale.params if opt_scale is not None else []
     for i in steps:
         idx = torch.randint(0, n, (bs,), generator=generator, device=x_q.device)
         inp = gather(x_q, idx)
@@ -223,15 +238,14 @@ def _train(
             beta = rounding_beta(i, s)
             reg = sum(r.round_loss(beta) for r in roundings)
             loss = rec + s.round_weight * reg
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
+        for o in (opt_alpha, opt_scale):
+            if o is not None:
+                o.zero_grad()
         loss.backward()
-        for o in optimizers:
-            o.step()
+        if opt_alpha is not None:
+            opt_alpha.step()
         if opt_scale is not None:
-            cos = 0.5 * (1.0 + math.cos(math.pi * (i + 1) / s.iters))
-            for group, base in zip(opt_scale.param_groups, base_lrs):
-                group["lr"] = base * cos
+            opt_scale.step(0.5 * (1.0 + math.cos(math.pi * i / s.iters)))
             with torch.no_grad():  # a step must stay positive (QDrop clamps it the same way)
                 torch._foreach_clamp_min_(scales, 1e-8)
         history[i] = rec.detach()

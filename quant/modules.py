@@ -304,7 +304,9 @@ class _WeightQuant:
         return fake_quant(self.weight, scale, zp, self.wq.qmin, self.wq.qmax)
 
     def _post(self, y: torch.Tensor) -> torch.Tensor:
-        if type(self.act) is nn.ReLU and isinstance(self.out_quant, QuantAct):  # fused: one pass fewer each way
+        if type(self.act) is nn.ReLU and isinstance(
+            self.out_quant, QuantAct
+        ):  # fused: one pass fewer each way
             return self.out_quant(y, relu=True)
         if self.act is not None:
             y = self.act(y)

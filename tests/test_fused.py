@@ -129,7 +129,9 @@ def test_loop_adam_steps_as_torch_fused_adam() -> None:
     mine = [t.clone().requires_grad_(True) for t in (a, b, c)]
     ref = [t.clone().requires_grad_(True) for t in (a, b, c)]
     opt = LoopAdam([(mine[:2], 1e-2), (mine[2:], 3e-3)])
-    torch_opt = torch.optim.Adam([{"params": ref[:2], "lr": 1e-2}, {"params": ref[2:], "lr": 3e-3}], fused=True)
+    torch_opt = torch.optim.Adam(
+        [{"params": ref[:2], "lr": 1e-2}, {"params": ref[2:], "lr": 3e-3}], fused=True
+    )
     for step in range(6):
         scale = 1.0 - step / 6
         for params in (mine, ref):

@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks import accuracy, report
+from launch.argtypes import seed_list
 
 #: PEERS.md, measured on this machine kind: (lossless 1,017, JPEG 7,959, seconds)
 PEER = {
@@ -77,6 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="layer-input",
         choices=["layer-input", "block-output"],
         help="activation quantizers; layer-input is the graph the PEERS.md run quantized (default)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=[0],
+        help="comma list of run seeds (QDrop masks, minibatch order); the calibration draw stays ASSETS.md's. "
+        "Each setting runs once per seed and the table shows the mean and the range",
     )
     p.add_argument("--tiny", action="store_true", help="CI form: random model and images, a few iterations")
 
@@ -180,27 +189,36 @@ def run(args: argparse.Namespace) -> int:
                     3,
                 )
             calib = load_calibration(pool, setup.transform, args.distill_images)
-        config = QuantConfig(wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement)
-        seconds, scores, qmodel = accuracy.quantize_and_evaluate(
-            setup.model, calib, config, setup.evals, progress=not args.tiny
-        )
-        s_iter = sum(qmodel._dfq_meta["seconds_per_iter"].values()) if iters else 0.0
-        new = accuracy.rows_for(
-            setup.name, fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
-            n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1), s_per_iter_all_units=round(s_iter, 4),
-            placement=args.placement, **extra,
-        )  # fmt: skip
-        rows += new
-        report.write_accuracy(results, rows)
         peer = PEER[(method, wbits, calib_kind)]
-        by = {r["dataset"]: r["top1"] for r in new}
+        runs = []
+        for seed in args.seeds:
+            config = QuantConfig(
+                wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement, seed=seed
+            )
+            seconds, scores, qmodel = accuracy.quantize_and_evaluate(
+                setup.model, calib, config, setup.evals, progress=not args.tiny
+            )
+            s_iter = sum(qmodel._dfq_meta["seconds_per_iter"].values()) if iters else 0.0
+            new = accuracy.rows_for(
+                setup.name, fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
+                n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1),
+                s_per_iter_all_units=round(s_iter, 4), placement=args.placement, seed=seed, **extra,
+            )  # fmt: skip
+            rows += new
+            report.write_accuracy(results, rows)
+            by = {r["dataset"]: r["top1"] for r in new}
+            runs.append((by[setup.lossless], by[setup.jpeg], seconds, s_iter))
+        lossless, jpeg, secs, s_iters = (np.array(col, dtype=float) for col in zip(*runs))
         side.append(
             {
                 "setting": f"W{wbits}A4 {method} {calib_kind}", "placement": args.placement, "iters": iters,
-                "n_calib": int(calib.shape[0]), "ours_lossless": by[setup.lossless], "peer_lossless": peer[0],
-                "ours_jpeg": by[setup.jpeg], "peer_jpeg": peer[1],
-                "ours_seconds": round(seconds, 1), "peer_seconds": peer[2],
-                "time_ratio": round(seconds / peer[2], 3), "s_per_iter_all_units": round(s_iter, 4), **extra,
+                "n_calib": int(calib.shape[0]), "seeds": list(args.seeds),
+                "ours_lossless": round(float(lossless.mean()), 2), "peer_lossless": peer[0],
+                "ours_jpeg": round(float(jpeg.mean()), 2), "peer_jpeg": peer[1],
+                "ours_lossless_per_seed": lossless.tolist(), "ours_jpeg_per_seed": jpeg.tolist(),
+                "ours_seconds": round(float(secs.mean()), 1), "peer_seconds": peer[2],
+                "time_ratio": round(float(secs.mean()) / peer[2], 3),
+                "s_per_iter_all_units": round(float(s_iters.mean()), 4), **extra,
             }
         )  # fmt: skip
         print(json.dumps(side[-1]))
@@ -228,10 +246,17 @@ def _write_side(results: Path, side: list[dict], distill_seconds: float | None, 
     ]
     for r in side:
         lines.append(
-            f"| {r['setting']}{', ' + r['placement'] if r.get('placement') else ''} | {r['iters']} | {r['n_calib']} | {r['ours_lossless']:.2f} | {r['peer_lossless']:.2f} "
-            f"| {r['ours_jpeg']:.2f} | {r['peer_jpeg']:.2f} | {r['ours_seconds']:.0f} | {r['peer_seconds']} "
+            f"| {r['setting']}{', ' + r['placement'] if r.get('placement') else ''} | {r['iters']} | {r['n_calib']} "
+            f"| {_spread(r, 'lossless')} | {r['peer_lossless']:.2f} "
+            f"| {_spread(r, 'jpeg')} | {r['peer_jpeg']:.2f} | {r['ours_seconds']:.0f} | {r['peer_seconds']} "
             f"| {r['time_ratio']:.2f} |"
         )
+    if any(len(r.get("seeds", [0])) > 1 for r in side):
+        lines += [
+            "",
+            "Where a setting ran with several seeds (QDrop masks, minibatch order; same calibration images), ours "
+            "is the mean with the range in brackets and the time is the mean run; Genie's is its one PEERS.md run.",
+        ]
     if distill_seconds is not None:
         lines += [
             "",
@@ -242,6 +267,13 @@ def _write_side(results: Path, side: list[dict], distill_seconds: float | None, 
     (results / "peer_compare.json").write_text(
         json.dumps({"device": report.device_string(), "date": report.today(), "rows": side}, indent=1) + "\n"
     )
+
+
+def _spread(row: dict, col: str) -> str:
+    """`mean (min-max)` over the seeds, or the one value where they all agree (e.g. round-to-nearest)."""
+    per = row.get(f"ours_{col}_per_seed") or [row[f"ours_{col}"]]
+    mean = f"{row[f'ours_{col}']:.2f}"
+    return mean if min(per) == max(per) else f"{mean} ({min(per):.2f}-{max(per):.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:

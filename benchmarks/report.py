@@ -27,11 +27,12 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 
 
 def row_key(row: dict) -> tuple:
-    """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, CLE,
-    the ViT weight rounding, input grid and head rotation."""
+    """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, the run
+    seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid and head rotation."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
+        row.get("seed") or 0,
         bool(row.get("equalize")),
         weight_rounding(row),
         input_grid(row),
@@ -73,14 +74,15 @@ def placement(row: dict) -> str | None:
 def method_label(row: dict) -> str:
     """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
     cross-layer equalization as `+cle`, the ViT's head rotation as `+rot`, its GPTQ weight rounding
-    as `+gptq`, its block reconstruction as `+genie-m` (as `dfq quantize` names it) and its image
-    grid over the normalization's range as `(preprocess input)`."""
+    as `+gptq`, its block reconstruction as `+genie-m` (as `dfq quantize` names it), its image
+    grid over the normalization's range as `(preprocess input)`, and a run seed other than 0."""
     label = row["method"] + ("+cle" if row.get("equalize") else "")
     label += "+rot" if head_rotation(row) == "hadamard" else ""
     label += "+gptq" if weight_rounding(row) == "gptq" else ""
     label += "+genie-m" if row["method"] == "repq-vit" and row.get("iters") else ""  # block reconstruction
     label += " (preprocess input)" if input_grid(row) == "preprocess" else ""
-    return f"{label} (layer-input)" if placement(row) == "layer-input" else label
+    label = f"{label} (layer-input)" if placement(row) == "layer-input" else label
+    return f"{label} seed {row['seed']}" if row.get("seed") else label
 
 
 def device_string() -> str:

@@ -44,3 +44,14 @@ def bits(text: str) -> int:
     if not (2 <= value <= 8 or value == 32):
         raise argparse.ArgumentTypeError(f"bit width must be in 2..8 (or 32 = float), got {value}")
     return value
+
+
+def seed_list(text: str) -> list[int]:
+    """A comma list of distinct integer seeds >= 0, e.g. `0,1,2`."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 0, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected a comma list of distinct integers >= 0, got {text!r}")
+    return seeds

@@ -43,3 +43,35 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
         assert r["peer_seconds"] > 0 and abs(r["time_ratio"] - r["ours_seconds"] / r["peer_seconds"]) < 0.01
     md = (tmp_path / "peer_compare.md").read_text()
     assert "Tiny CI form" in md and "| W2A4 genie-m real, layer-input | 2 |" in md
+
+
+def test_several_seeds_give_one_row_each_and_a_mean(tmp_path, capsys) -> None:
+    threads = torch.get_num_threads()
+    try:
+        assert (
+            peer_compare.main(["--tiny", "--settings", "4", "--seeds", "0,1", "--results", str(tmp_path)])
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in json.loads((tmp_path / "accuracy.json").read_text()) if r["method"] == "genie-m"]
+    assert sorted(r["seed"] for r in rows) == [0, 1]  # one row per seed: the second did not replace the first
+    (side,) = json.loads((tmp_path / "peer_compare.json").read_text())["rows"]
+    assert side["seeds"] == [0, 1] and len(side["ours_jpeg_per_seed"]) == 2
+    assert side["ours_jpeg"] == round(sum(side["ours_jpeg_per_seed"]) / 2, 2)
+    md = (tmp_path / "peer_compare.md").read_text()
+    assert "mean with the range in brackets" in md
+    # the table cell: mean and range, or the one value when every seed agreed
+    row = {"ours_jpeg": 77.79, "ours_jpeg_per_seed": [77.77, 78.01, 77.59]}
+    assert peer_compare._spread(row, "jpeg") == "77.79 (77.59-78.01)"
+    assert peer_compare._spread({"ours_jpeg": 77.57, "ours_jpeg_per_seed": [77.57] * 3}, "jpeg") == "77.57"
+    assert peer_compare._spread({"ours_jpeg": 80.17}, "jpeg") == "80.17"  # rows from before seeds
+
+
+@pytest.mark.parametrize("bad", ["0,0", "-1", "1,x", ""])
+def test_bad_seeds_are_a_one_line_usage_error(bad: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        peer_compare.main(["--tiny", "--seeds", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--seeds" in err and repr(bad) in err

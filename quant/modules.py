@@ -104,10 +104,8 @@ class _FusedLsqQuant(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, scale, keep_fp = ctx.saved_tensors
         lo, hi, relu = ctx.args
-        if not fused.usable(grad, x):  # autograd may hand a gradient in another layout
-            grad = grad.contiguous(memory_format=_layout(x))
-            if not fused.usable(grad, x):
-                grad = torch.empty_like(x).copy_(grad)
+        if not fused.usable(grad, x):  # autograd may hand a gradient in another layout: copy it into x's
+            grad = torch.empty_like(x).copy_(grad)
         grad_x, grad_s = fused.ops().lsq_backward(
             grad, x, scale, keep_fp, lo, hi, relu, ctx.needs_input_grad[0]
         )
@@ -119,12 +117,6 @@ class _FusedLsqQuant(torch.autograd.Function):
             None,
             None,
         )
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def lsq_quant(

@@ -11,13 +11,18 @@ import torch
 from benchmarks import peer_compare, report
 
 
-@pytest.mark.slow
-def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
+def _main(argv: list[str]) -> int:
+    """`peer_compare.main`, leaving torch's thread count as it found it (the benchmark sets its own)."""
     threads = torch.get_num_threads()
     try:
-        assert peer_compare.main(["--tiny", "--results", str(tmp_path)]) == 0
+        return peer_compare.main(argv)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
+    assert _main(["--tiny", "--results", str(tmp_path)]) == 0
 
     rows = json.loads((tmp_path / "accuracy.json").read_text())
     for row in rows:
@@ -46,14 +51,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
 
 
 def test_several_seeds_give_one_row_each_and_a_mean(tmp_path, capsys) -> None:
-    threads = torch.get_num_threads()
-    try:
-        assert (
-            peer_compare.main(["--tiny", "--settings", "4", "--seeds", "0,1", "--results", str(tmp_path)])
-            == 0
-        )
-    finally:
-        torch.set_num_threads(threads)
+    assert _main(["--tiny", "--settings", "4", "--seeds", "0,1", "--results", str(tmp_path)]) == 0
     rows = [r for r in json.loads((tmp_path / "accuracy.json").read_text()) if r["method"] == "genie-m"]
     assert sorted(r["seed"] for r in rows) == [0, 1]  # one row per seed: the second did not replace the first
     (side,) = json.loads((tmp_path / "peer_compare.json").read_text())["rows"]

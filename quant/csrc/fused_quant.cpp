@@ -157,6 +157,15 @@ std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& grad, const at
 }
 
 
+// Runs fn(r) for every row r of a (rows x cols) weight, rows split over ATen's threads in tasks of
+// about kGrain elements (a weight is small: most fit in one or two tasks).
+template <typename F>
+void for_each_row(int64_t rows, int64_t cols, const F& fn) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) fn(r);
+  });
+}
+
 // Rows are dim 0 of the weight; `scale` and `zero_point` hold one value per row.
 std::tuple<at::Tensor, at::Tensor> adaround_forward(const at::Tensor& sig, const at::Tensor& wfloor,
                                                     const at::Tensor& scale, const at::Tensor& zero_point,
@@ -169,12 +178,10 @@ std::tuple<at::Tensor, at::Tensor> adaround_forward(const at::Tensor& sig, const
   const float* zp = zero_point.const_data_ptr<float>();
   float* wp = w.mutable_data_ptr<float>();
   float* hp = h.mutable_data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [=](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      adaround_forward_rows(sp + r * cols, fp + r * cols, zp[r], scp[r], static_cast<float>(qmin),
-                            static_cast<float>(qmax), static_cast<float>(zeta), static_cast<float>(gamma),
-                            wp + r * cols, hp + r * cols, cols);
-    }
+  for_each_row(rows, cols, [=](int64_t r) {
+    const int64_t o = r * cols;
+    adaround_forward_rows(sp + o, fp + o, zp[r], scp[r], static_cast<float>(qmin), static_cast<float>(qmax),
+                          static_cast<float>(zeta), static_cast<float>(gamma), wp + o, hp + o, cols);
   });
   return {w, h};
 }
@@ -193,13 +200,11 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward(const at::Tensor& grad_w, c
   const float* zp = zero_point.const_data_ptr<float>();
   float* gap = galpha.mutable_data_ptr<float>();
   float* gsp = gscale.mutable_data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [=](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t o = r * cols;
-      gsp[r] = adaround_backward_rows(gwp + o, ghp ? ghp + o : nullptr, hp + o, fp + o, zp[r], scp[r],
-                                      static_cast<float>(qmin), static_cast<float>(qmax), static_cast<float>(zeta),
-                                      static_cast<float>(gamma), gap + o, cols);
-    }
+  for_each_row(rows, cols, [=](int64_t r) {
+    const int64_t o = r * cols;
+    gsp[r] = adaround_backward_rows(gwp + o, ghp ? ghp + o : nullptr, hp + o, fp + o, zp[r], scp[r],
+                                    static_cast<float>(qmin), static_cast<float>(qmax), static_cast<float>(zeta),
+                                    static_cast<float>(gamma), gap + o, cols);
   });
   return {galpha, gscale};
 }

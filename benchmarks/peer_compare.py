@@ -148,6 +148,7 @@ def distill_pool(setup: Setup, out: str, args: argparse.Namespace) -> tuple[str,
         out=out, num_images=args.distill_images, shard_size=args.distill_batch, preset="bn-distill",
         generator="bn-distill", model="cifar_resnet20", checkpoint=setup.checkpoint, vocab="cifar10", k=2,
         steps=args.distill_iters, width=32, height=32, batch_size=args.distill_batch,
+        generator_options={"bn_loss": "mse"},
         workers=args.distill_workers, device="cpu",
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -172,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
     rows = accuracy.fp_rows(setup.name, fp)
     chosen = range(len(SETTINGS)) if args.settings == "all" else [int(i) for i in args.settings.split(",")]
     side: list[dict] = []
-    distill_seconds = None
     for i in chosen:
         method, wbits, calib_kind, iters = SETTINGS[i]
         iters = max(1, int(round(iters * args.iters_scale))) if iters else 0
@@ -184,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
             if pool is None:
                 pool, distill_seconds = distill_pool(setup, tempfile.mkdtemp(prefix="dfq-peer-pool-"), args)
                 extra["distill_seconds"] = round(distill_seconds, 1)
+                extra["distill_recipe"] = (
+                    f"{max(1, args.distill_images // args.distill_batch)} x {args.distill_batch}, "
+                    f"{args.distill_iters} iterations, {args.distill_workers} CPU actors"
+                )
                 extra["distill_s_per_iter_per_batch"] = round(
                     distill_seconds / args.distill_iters / max(1, args.distill_images // args.distill_batch),
                     3,
@@ -211,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         lossless, jpeg, secs, s_iters = (np.array(col, dtype=float) for col in zip(*runs))
         side.append(
             {
-                "setting": f"W{wbits}A4 {method} {calib_kind}", "placement": args.placement, "iters": iters,
+                "setting": _label(method, wbits, calib_kind), "placement": args.placement, "iters": iters,
                 "n_calib": int(calib.shape[0]), "seeds": list(args.seeds),
                 "ours_lossless": round(float(lossless.mean()), 2), "peer_lossless": peer[0],
                 "ours_jpeg": round(float(jpeg.mean()), 2), "peer_jpeg": peer[1],
@@ -219,14 +223,45 @@ def run(args: argparse.Namespace) -> int:
                 "ours_seconds": round(float(secs.mean()), 1), "peer_seconds": peer[2],
                 "time_ratio": round(float(secs.mean()) / peer[2], 3),
                 "s_per_iter_all_units": round(float(s_iters.mean()), 4), **extra,
+                "device": report.device_string(), "date": report.today(),
             }
         )  # fmt: skip
         print(json.dumps(side[-1]))
-        _write_side(results, side, distill_seconds, setup)
+        _write_side(results, side, setup)
     return 0
 
 
-def _write_side(results: Path, side: list[dict], distill_seconds: float | None, setup: Setup) -> None:
+def _label(method: str, wbits: int, calib_kind: str) -> str:
+    return f"W{wbits}A4 {method} {calib_kind}"
+
+
+def _merge_side(results: Path, side: list[dict], setup: Setup) -> list[dict]:
+    """This run's rows plus the earlier ones (same model) of settings it did not run, in SETTINGS order.
+
+    Re-measuring one setting (`--settings 2`) must not drop the others from the side-by-side table;
+    each row keeps its own device and date.
+    """
+    path = results / "peer_compare.json"
+    earlier: list[dict] = []
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("model", setup.name) == setup.name:
+            for row in saved.get("rows", []):
+                earlier.append({"device": saved.get("device"), "date": saved.get("date"), **row})
+    now = {(r["setting"], r.get("placement")) for r in side}
+    merged = [r for r in earlier if (r["setting"], r.get("placement")) not in now] + side
+    order = [_label(m, w, c) for m, w, c, _ in SETTINGS]
+    return sorted(merged, key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
+
+
+def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
+    side = _merge_side(results, side, setup)
+    devices = ", ".join(sorted({r["device"] for r in side if r.get("device")}))
+    dates = ", ".join(sorted({r["date"] for r in side if r.get("date")}))
+    distill = next((r for r in side if r.get("distill_seconds")), None)
     lines = [
         "# Side by side with Genie (PEERS.md), CIFAR-10 ResNet-20",
         "",
@@ -238,15 +273,16 @@ def _write_side(results: Path, side: list[dict], distill_seconds: float | None, 
             if setup.name != "cifar_resnet20"
             else []
         ),
-        f"Ours measured by `dfq bench peer` on {report.device_string()}, {report.today()}; "
+        f"Ours measured by `dfq bench peer` on {devices}, {dates}; "
         "peer figures from PEERS.md (same machine kind, same split, same layers at 8 bits).",
         "",
-        "| setting | iters/block | n_calib | ours lossless | Genie lossless | ours JPEG 7,959 | Genie JPEG | ours s | Genie s | time ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | iters/block | n_calib | seeds | ours lossless | Genie lossless | ours JPEG 7,959 | Genie JPEG | ours s | Genie s | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in side:
         lines.append(
             f"| {r['setting']}{', ' + r['placement'] if r.get('placement') else ''} | {r['iters']} | {r['n_calib']} "
+            f"| {len(r.get('seeds', [0]))} "
             f"| {_spread(r, 'lossless')} | {r['peer_lossless']:.2f} "
             f"| {_spread(r, 'jpeg')} | {r['peer_jpeg']:.2f} | {r['ours_seconds']:.0f} | {r['peer_seconds']} "
             f"| {r['time_ratio']:.2f} |"
@@ -257,15 +293,17 @@ def _write_side(results: Path, side: list[dict], distill_seconds: float | None, 
             "Where a setting ran with several seeds (QDrop masks, minibatch order; same calibration images), ours "
             "is the mean with the range in brackets and the time is the mean run; Genie's is its one PEERS.md run.",
         ]
-    if distill_seconds is not None:
+    if distill is not None:
         lines += [
             "",
-            f"Distillation (bn-distill, 256 images as 2 x 128, 400 iterations, 2 CPU actors): {distill_seconds:.0f} s "
-            f"wall against Genie-D's {PEER_DISTILL_SECONDS} s.",
+            f"Distillation (bn-distill, {distill['n_calib']} images, {distill.get('distill_recipe', '')}): "
+            f"{distill['distill_seconds']:.0f} s wall against Genie-D's {PEER_DISTILL_SECONDS} s, "
+            f"{distill['distill_s_per_iter_per_batch']:.3f} s per iteration per batch against "
+            f"{PEER_DISTILL_S_PER_ITER}.",
         ]
     (results / "peer_compare.md").write_text("\n".join(lines) + "\n")
     (results / "peer_compare.json").write_text(
-        json.dumps({"device": report.device_string(), "date": report.today(), "rows": side}, indent=1) + "\n"
+        json.dumps({"model": setup.name, "rows": side}, indent=1) + "\n"
     )
 
 

@@ -7,7 +7,10 @@ classes (k=2 with soft labels 0.5/0.5 is the analogue of mixup-class prompting).
 parameterizations: `method="generator"` optimizes per-sample latents and a tiny shared decoder
 (Genie-D; the default, Genie's ablation has it quantize better than pixels at equal iterations),
 `method="pixels"` optimizes the normalized pixels directly (ZeroQ / DeepInversion; cheaper per
-iteration).
+iteration). The default objective and rates are Genie-D's (`bn_loss="mse"`, latents at a constant
+rate, the decoder's decaying): on the CIFAR-10 ResNet-20 at the 400-iteration budget its pools
+calibrated W4A4 about 0.3 points better on the JPEG set (3 reconstruction seeds each, k=0 and k=2
+alike) than the first recipe here (ZeroQ's unsquared norms, a half-width decoder, cosine rates).
 
 Determinism: sample i's class targets and initial latent/pixels are a pure function of
 (run_seed, i) (one `torch.Generator` per sample); the decoder's initial weights and the jitter
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .bn_distill_loss import BNStatsMatcher, bn_layers, bn_stats_loss
+from .bn_distill_loss import LOSS_FORMS, BNStatsMatcher, bn_layers, bn_stats_loss
 from .bn_distill_nets import LATENT_DIM, SwingJitter, build_latent_generator, draw_offsets, strided_convs
 from .errors import EngineError
 
@@ -41,6 +44,7 @@ __all__ = ["BNDistillGenerator", "bn_stats_loss", "class_targets", "from_config"
 METHODS = ("generator", "pixels")
 DEFAULT_LR = {"generator": 0.1, "pixels": 0.1}  # latents (decoder: lr * DECODER_LR_RATIO) / pixels
 DECODER_LR_RATIO = 0.1  # Genie-D: latents 0.1, decoder 0.01
+DECODER_LR_DECAY = (0.95, 100)  # Genie-D: the decoder's lr x 0.95 every 100 iterations; latents constant
 FORMAT_VERSION = 1
 HISTORY_LEN = 64
 _KNOWN_VOCABS = {10: "cifar10", 100: "cifar100", 1000: "imagenet"}
@@ -65,9 +69,16 @@ def class_targets(run_seed: int, index: int, k: int, num_classes: int) -> list[i
     return torch.randperm(num_classes, generator=gen)[:k].tolist()
 
 
-def _input_stats_term(x: torch.Tensor) -> torch.Tensor:
-    """Genie's input term: per-image channel mean 0 / std 1, the normalized range of real data."""
+def _input_stats_term(x: torch.Tensor, form: str) -> torch.Tensor:
+    """Genie's input term: per-image channel mean 0 / std 1, the normalized range of real data.
+
+    "mse": squared errors summed over every (image, channel) pair, which holds each image to the
+    normalized range (Genie-D averages over the images instead; both pools end at mean 0 / std 1
+    per image within 0.002). "norm": the unsquared norms of the same errors.
+    """
     std, mean = torch.std_mean(x, dim=(2, 3))
+    if form == "mse":
+        return mean.square().sum() + (std - 1.0).square().sum()
     return torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(std - 1.0)
 
 
@@ -94,6 +105,8 @@ class BNDistillGenerator:
         vocab: recorded vocabulary name; default inferred from num_classes (cifar10, cifar100,
             imagenet), else "file:none".
         swing: jitter the input of strided convs per sample (Genie-D's swing convolution).
+        bn_loss: "mse" (Genie-D: mean squared error of each layer's channel statistics) or "norm"
+            (ZeroQ: unsquared norms); see `stats_distance`.
     """
 
     def __init__(
@@ -115,10 +128,14 @@ class BNDistillGenerator:
         class_names: Sequence[str] | None = None,
         vocab: str | None = None,
         swing: bool = True,
+        bn_loss: str = "mse",
     ) -> None:
         _check_args(
             input_size, mean, std, num_classes, iters, lr, batch_size, k, method, ce_weight, class_names
         )
+        if bn_loss not in LOSS_FORMS:
+            raise EngineError(f"unknown bn-distill loss {bn_loss!r}; choose one of {', '.join(LOSS_FORMS)}")
+        self.bn_loss = bn_loss
         self.model_factory = model_factory
         self.input_size = tuple(int(v) for v in input_size)
         self.mean = tuple(float(v) for v in mean)
@@ -192,11 +209,15 @@ class BNDistillGenerator:
         params, make_x = self._parameterize(indices, batch_seed)
         targets = self._soft_targets(indices)
         opt = torch.optim.Adam(params)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iters, eta_min=0.0)
+        decay = self._lr_decay(opt)
         convs = strided_convs(model) if self.swing else []
         offsets = draw_offsets(self.iters, len(convs), len(indices), batch_seed, self.device)
         curve = torch.zeros(self.iters, device=self.device)  # filled on device: no per-step host sync
-        with _deterministic(self.device), BNStatsMatcher(model) as bn, SwingJitter(convs, offsets) as jitter:
+        with (
+            _deterministic(self.device),
+            BNStatsMatcher(model, self.bn_loss) as bn,
+            SwingJitter(convs, offsets) as jitter,
+        ):
             for it in range(self.iters):
                 jitter.step(it)
                 bn.reset()
@@ -204,12 +225,12 @@ class BNDistillGenerator:
                 x = make_x()
                 logits = model(x)
                 bn_loss = bn.loss()
-                loss = bn_loss + _input_stats_term(x)
+                loss = bn_loss + _input_stats_term(x, self.bn_loss)
                 if targets is not None:
                     loss = loss + self.ce_weight * F.cross_entropy(logits, targets)
                 loss.backward()
                 opt.step()
-                sched.step()
+                decay(it)
                 if self.method == "pixels":
                     self._clamp_pixels(params[0]["params"][0])
                 curve[it] = bn_loss.detach()
@@ -238,6 +259,25 @@ class BNDistillGenerator:
             {"params": list(decoder.parameters()), "lr": self.lr * DECODER_LR_RATIO},
         ]
         return groups, lambda: decoder(leaf)
+
+    def _lr_decay(self, opt: torch.optim.Optimizer) -> Callable[[int], None]:
+        """The learning-rate schedule, called after step `it`.
+
+        Generator: Genie-D's, latents at a constant rate and the decoder's rate x 0.95 every 100
+        steps (its plateau rule for the latents never fires in a few hundred steps of falling loss,
+        and dropping it avoids a host sync per step). Pixels: cosine to zero over the run.
+        """
+        if self.method == "pixels":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iters, eta_min=0.0)
+            return lambda it: sched.step()
+        gamma, every = DECODER_LR_DECAY
+        decoder = opt.param_groups[1]
+
+        def decay(it: int) -> None:
+            if (it + 1) % every == 0:
+                decoder["lr"] *= gamma
+
+        return decay
 
     def _soft_targets(self, indices: list[int]) -> torch.Tensor | None:
         """(B, num_classes) class probabilities, 1/k on each target class; None for k=0."""
@@ -415,4 +455,5 @@ def from_config(cfg: object, **context: object) -> BNDistillGenerator:
         class_names=context.get("class_names"),  # type: ignore[arg-type]
         vocab=getattr(cfg, "vocab", None),
         swing=bool(context.get("swing", True)),
+        bn_loss=str(context.get("bn_loss", "mse")),
     )

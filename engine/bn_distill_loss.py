@@ -24,19 +24,36 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     ]
 
 
+LOSS_FORMS = ("mse", "norm")
+
+
+def stats_distance(d_mean: torch.Tensor, d_std: torch.Tensor, form: str) -> torch.Tensor:
+    """One layer's term from its per-channel mean and std errors.
+
+    "mse" (Genie-D): ||d_mean||^2 / C + ||d_std||^2 / C, the mean squared error per channel: a layer
+    far off pulls harder, so the optimisation spends its few hundred steps on the worst-matched
+    layers. "norm" (ZeroQ): ||d_mean|| + ||d_std||, unsquared, every layer's gradient of equal size.
+    """
+    if form == "mse":
+        return (d_mean.square().sum() + d_std.square().sum()) / d_mean.shape[-1]
+    return torch.linalg.vector_norm(d_mean) + torch.linalg.vector_norm(d_std)
+
+
 class BNStatsMatcher:
     """Forward hooks that turn each BN input's batch statistics into one loss term.
 
-    Per layer: ||mu_batch - running_mean||_2 + ||sigma_batch - sqrt(running_var + eps)||_2, with
-    statistics over every dim but the channel one (unbiased variance, as BN's running_var is).
-    The unsquared norm (ZeroQ's choice) keeps the gradient scale of a layer independent of how far
-    off it is, so no single badly matched layer drowns the others.
+    Per layer: `stats_distance` between (mu_batch, sigma_batch) and (running_mean,
+    sqrt(running_var + eps)), with statistics over every dim but the channel one (unbiased
+    variance, as BN's running_var is).
 
     Use as a context manager; after each forward, `loss()` is the sum over layers since `reset()`.
     Targets are copied once at entry, so the hooks do no host work and no host syncs.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, form: str = "mse") -> None:
+        if form not in LOSS_FORMS:
+            raise ValueError(f"unknown BN loss form {form!r}; choose one of {', '.join(LOSS_FORMS)}")
+        self.form = form
         self.layers = bn_layers(model)
         self._terms: list[torch.Tensor] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -64,9 +81,7 @@ class BNStatsMatcher:
         var, mean = torch.var_mean(x, dim=dims, correction=1)
         target_mean, target_std = self._targets[id(module)]
         std = torch.sqrt(var + module.eps)
-        self._terms.append(
-            torch.linalg.vector_norm(mean - target_mean) + torch.linalg.vector_norm(std - target_std)
-        )
+        self._terms.append(stats_distance(mean - target_mean, std - target_std, self.form))
 
     def reset(self) -> None:
         """Forget the terms of the previous forward (call before each one)."""
@@ -79,12 +94,12 @@ class BNStatsMatcher:
         return torch.stack(self._terms).sum()
 
 
-def bn_stats_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def bn_stats_loss(model: nn.Module, x: torch.Tensor, form: str = "mse") -> torch.Tensor:
     """The BN-statistics loss of batch `x` under `model` (one forward pass, differentiable in `x`).
 
     The model should be in eval mode, so the forward normalizes with (and does not update) the
     running statistics we compare against.
     """
-    with BNStatsMatcher(model) as matcher:
+    with BNStatsMatcher(model, form) as matcher:
         model(x)
         return matcher.loss()

@@ -88,6 +88,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--distill-lr", type=nonnegative_float, default=None, help="bn-distill: learning rate")
     g.add_argument(
+        "--distill-loss",
+        choices=("mse", "norm"),
+        default=None,
+        help="bn-distill: BN-statistics error as Genie-D's mean square (default) or ZeroQ's norm",
+    )
+    g.add_argument(
         "--steps",
         type=positive_int,
         default=None,
@@ -140,9 +146,12 @@ def config_from_args(args: argparse.Namespace):  # -> engine.config.GenerateConf
     preset = args.preset or ("bn-distill" if args.generator == "bn-distill" else "sd15")
     options = {}
     if args.generator == "bn-distill":
-        options = {
-            k: v for k, v in (("method", args.distill_method), ("lr", args.distill_lr)) if v is not None
-        }
+        # bn_loss always: pools distilled before it existed (ZeroQ's norm, a narrower decoder) hash
+        # differently, so resuming one is refused instead of mixing two recipes in one pool
+        options = {"bn_loss": args.distill_loss or "mse"}
+        options.update(
+            (k, v) for k, v in (("method", args.distill_method), ("lr", args.distill_lr)) if v is not None
+        )
     return GenerateConfig(
         out=args.out,
         num_images=args.num_images,

@@ -92,12 +92,18 @@ def test_bn_stats_loss_matches_definition() -> None:
     model(x)
     for h in handles:
         h.remove()
-    want = sum(
-        (a.mean((0, 2, 3)) - m.running_mean).norm()
-        + (torch.sqrt(a.var((0, 2, 3)) + m.eps) - torch.sqrt(m.running_var + m.eps)).norm()
+    errors = [
+        (
+            a.mean((0, 2, 3)) - m.running_mean,
+            torch.sqrt(a.var((0, 2, 3)) + m.eps) - torch.sqrt(m.running_var + m.eps),
+        )
         for a, m in zip(inputs, bns)
-    )
-    assert torch.allclose(bn_stats_loss(model, x), want, rtol=1e-5)
+    ]
+    norm = sum(dm.norm() + ds.norm() for dm, ds in errors)  # ZeroQ
+    mse = sum(dm.square().mean() + ds.square().mean() for dm, ds in errors)  # Genie-D
+    assert torch.allclose(bn_stats_loss(model, x, "norm"), norm, rtol=1e-5)
+    assert torch.allclose(bn_stats_loss(model, x), mse, rtol=1e-5)
+    assert torch.allclose(bn_stats_loss(model, x, "mse"), mse, rtol=1e-5)
 
 
 def test_same_seed_same_bytes_and_other_seed_differs() -> None:
@@ -149,6 +155,7 @@ def test_shift_per_sample_is_a_reflect_padded_crop() -> None:
         (dict(lr=0.0), "lr"),
         (dict(mean=(0.5,)), "mean and std"),
         (dict(class_names=["a"]), "class_names"),
+        (dict(bn_loss="l1"), "unknown bn-distill loss 'l1'"),
     ],
 )
 def test_bad_args_raise_one_line(kw: dict, words: str) -> None:
@@ -175,11 +182,24 @@ def test_from_config_builds_from_run_config_and_cli_context() -> None:
         device="auto", steps=3, batch_size=4, k=2, seed=5, model="module:tiny", vocab="file:x"
     )
     context = dict(model_factory=tiny_bn_cnn, input_size=SIZE, mean=MEAN, std=STD, num_classes=NUM_CLASSES)
-    gen = from_config(cfg, **context, method="pixels")
+    gen = from_config(cfg, **context, method="pixels", bn_loss="norm")
     assert (gen.iters, gen.batch_size, gen.k, gen.run_seed, gen.method) == (3, 4, 2, 5, "pixels")
+    assert gen.bn_loss == "norm" and from_config(cfg, **context).bn_loss == "mse"
     ((img, meta),) = gen.generate([1])
     assert meta["model"] == "module:tiny" and meta["steps"] == 3 and meta["vocab"] == "file:x"
     with pytest.raises(EngineError, match="model_factory"):
         from_config(cfg, input_size=SIZE, mean=MEAN, std=STD, num_classes=NUM_CLASSES)
     with pytest.raises(EngineError, match="vocab 'imagenet' has 1000 classes"):
         from_config(SimpleNamespace(vocab="imagenet"), **context)
+
+
+def test_generator_schedule_is_genie_d() -> None:
+    """Latents keep their rate; the decoder's falls 5% every 100 steps (Genie-D's recipe)."""
+    gen = make(lr=0.1)
+    params, _ = gen._parameterize([0, 1], batch_seed=3)
+    opt = torch.optim.Adam(params)
+    decay = gen._lr_decay(opt)
+    for it in range(250):
+        decay(it)
+    latents, decoder = opt.param_groups
+    assert latents["lr"] == 0.1 and decoder["lr"] == pytest.approx(0.01 * 0.95**2)

@@ -112,9 +112,11 @@ def test_bn_distill_pool_through_the_engine(ray_local, tmp_path: Path) -> None:
     pool = tmp_path / "bn"
     _generate(
         pool, "--generator", "bn-distill", "--model", "tests.test_end_to_end:tiny_bn_cnn",
-        "--steps", "3", "--batch-size", "8",
+        "--steps", "3", "--batch-size", "8", "--distill-loss", "norm",
     )  # fmt: skip
     samples = _check_pool(pool, "bn-distill")
+    config = json.loads((pool / "manifest.json").read_text())["config"]
+    assert config["generator_options"] == {"bn_loss": "norm"}  # shapes the content: part of the hash
     assert all(s["image"].size == (32, 32) for s in samples)
     assert all(len(set(s["json"]["class_ids"])) == 2 for s in samples)  # mixup of two class targets
     result = _quantize(pool, tmp_path / "q", "tests.test_end_to_end:tiny_bn_cnn", "--method", "rtn")

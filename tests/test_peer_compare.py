@@ -66,6 +66,22 @@ def test_several_seeds_give_one_row_each_and_a_mean(tmp_path, capsys) -> None:
     assert peer_compare._spread({"ours_jpeg": 80.17}, "jpeg") == "80.17"  # rows from before seeds
 
 
+def test_rerunning_one_setting_keeps_the_others_in_the_table(tmp_path) -> None:
+    assert _main(["--tiny", "--settings", "4", "--results", str(tmp_path)]) == 0
+    assert _main(["--tiny", "--settings", "3,0", "--results", str(tmp_path)]) == 0
+    side = json.loads((tmp_path / "peer_compare.json").read_text())["rows"]
+    assert [r["setting"] for r in side] == [
+        "W4A4 rtn real",
+        "W2A4 rtn real",
+        "W2A4 genie-m real",
+    ]  # SETTINGS order
+    assert all(r["device"] and r["date"] for r in side)
+    assert _main(["--tiny", "--settings", "4", "--results", str(tmp_path)]) == 0  # replaced, not repeated
+    side = json.loads((tmp_path / "peer_compare.json").read_text())["rows"]
+    assert [r["setting"] for r in side] == ["W4A4 rtn real", "W2A4 rtn real", "W2A4 genie-m real"]
+    assert (tmp_path / "peer_compare.md").read_text().count("| W2A4 genie-m real, layer-input |") == 1
+
+
 @pytest.mark.parametrize("bad", ["0,0", "-1", "1,x", ""])
 def test_bad_seeds_are_a_one_line_usage_error(bad: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:

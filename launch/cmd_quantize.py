@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--n-calib", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument(
+        "--augment",
+        type=positive_int,
+        default=1,
+        help="reconstruct on the images plus N-1 flipped and shifted copies (small pools; default 1: none)",
+    )
+    p.add_argument(
         "--verify",
         choices=["none", "size", "sha256"],
         default="size",
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quant.data import (
+        augment_calibration,
         build_transform,
         input_grid_for,
         input_range,
@@ -160,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         calib = noise_calibration(args.n_calib, data_config["input_size"], seed=args.seed)
     else:
         calib = load_calibration(args.calib, transform, args.n_calib, seed=args.seed)
+    n_calib = int(calib.shape[0])
+    calib = augment_calibration(calib, args.augment, seed=args.seed)
     qmodel = quantize_model(model, calib, config, progress=progress)
     seconds = time.perf_counter() - start
 
@@ -175,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "checkpoint": args.checkpoint,
         "calib": args.calib,
-        "n_calib": int(calib.shape[0]),
+        "n_calib": n_calib,
+        "augment": args.augment,
         "wbits": args.wbits,
         "abits": args.abits,
         "first_last_bits": args.first_last_bits,

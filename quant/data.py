@@ -275,3 +275,39 @@ def noise_calibration(n: int, input_size: int | Sequence[int], seed: int = 0) ->
     c = 3 if isinstance(input_size, int) or len(input_size) < 3 else int(input_size[-3])
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, c, h, w, generator=g)
+
+
+def augment_calibration(images: torch.Tensor, copies: int, seed: int = 0) -> torch.Tensor:
+    """`images` followed by `copies - 1` augmented copies: each image flipped left-right with
+    probability 1/2 and shifted by up to 1/8 of its size (reflect padding), per copy and image.
+
+    Why: a small pool (the 256 images BN distillation affords) is seen ~250 times in a 2,000
+    iteration block reconstruction at batch 32, and the rounding fits those images' block outputs
+    rather than the layer's function. Copies that the float model maps as it would the original
+    (the training augmentation of CIFAR and ImageNet classifiers) widen the inputs the block
+    outputs are matched on, with no new information and at the same cost per iteration. On the
+    CIFAR-10 ResNet-20, W4A4 genie-m from a 256-image distilled pool, seeds 0/1/2, JPEG set:
+    79.68 / 79.80 / 80.15 without copies, 79.98 / 80.05 / 80.19 with 4, 80.27 / 79.98 / 80.21 with 8.
+    Deterministic in (`images`, `copies`, `seed`); the originals come first and unchanged.
+    """
+    if copies < 1:
+        raise QuantError(f"augmented copies must be >= 1, got {copies}")
+    if copies == 1:
+        return images
+    b, _, h, w = images.shape
+    pad_h, pad_w = max(1, h // 8), max(1, w // 8)
+    if pad_h >= h or pad_w >= w:
+        raise QuantError(f"images of {h}x{w} are too small to shift")
+    g = torch.Generator().manual_seed(seed)
+    out = [images]
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    for _ in range(copies - 1):
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        padded = torch.nn.functional.pad(x, [pad_w, pad_w, pad_h, pad_h], mode="reflect")
+        dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=g).view(b, 1, 1)
+        dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=g).view(b, 1, 1)
+        index = ((rows + dy) * (w + 2 * pad_w) + cols + dx).view(b, 1, h * w).expand(-1, x.shape[1], -1)
+        out.append(torch.gather(padded.flatten(2), 2, index).view_as(x))
+    return torch.cat(out)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from quant.data import (
     CIFAR10_CLASSES,
+    augment_calibration,
     build_transform,
     load_calibration,
     noise_calibration,
@@ -146,3 +147,25 @@ def test_noise_calibration() -> None:
     assert a.shape == (4, 3, 16, 16) and torch.equal(a, noise_calibration(4, (3, 16, 16), seed=1))
     assert not torch.equal(a, noise_calibration(4, (3, 16, 16), seed=2))
     assert noise_calibration(2, 8).shape == (2, 3, 8, 8)
+
+
+def test_augmented_copies_are_flipped_shifted_crops_of_their_image() -> None:
+    import torch.nn.functional as F
+
+    x = torch.randn(4, 3, 16, 16)
+    y = augment_calibration(x, 3, seed=5)
+    assert y.shape == (12, 3, 16, 16) and torch.equal(y[:4], x)  # originals first, unchanged
+    assert torch.equal(y, augment_calibration(x, 3, seed=5))  # deterministic
+    assert not torch.equal(y[4:], augment_calibration(x, 3, seed=6)[4:])
+    crops = {}
+    for i in range(4):
+        for flip in (False, True):
+            padded = F.pad((x[i].flip(-1) if flip else x[i])[None], [2] * 4, mode="reflect")[0]
+            for dy in range(5):
+                for dx in range(5):
+                    crops.setdefault(i, []).append(padded[:, dy : dy + 16, dx : dx + 16])
+    for j in range(4, 12):
+        assert any(torch.equal(y[j], c) for c in crops[j % 4]), j
+    assert augment_calibration(x, 1) is x
+    with pytest.raises(QuantError, match="augmented copies must be >= 1, got 0"):
+        augment_calibration(x, 0)

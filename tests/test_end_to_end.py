@@ -119,5 +119,9 @@ def test_bn_distill_pool_through_the_engine(ray_local, tmp_path: Path) -> None:
     assert config["generator_options"] == {"bn_loss": "norm"}  # shapes the content: part of the hash
     assert all(s["image"].size == (32, 32) for s in samples)
     assert all(len(set(s["json"]["class_ids"])) == 2 for s in samples)  # mixup of two class targets
-    result = _quantize(pool, tmp_path / "q", "tests.test_end_to_end:tiny_bn_cnn", "--method", "rtn")
-    assert result["iters"] == 0 and result["wbits"] == 4
+    result = _quantize(
+        pool, tmp_path / "q", "tests.test_end_to_end:tiny_bn_cnn", "--method", "genie-m", "--iters", "2",
+        "--augment", "2",
+    )  # fmt: skip
+    assert result["iters"] == 2 and result["wbits"] == 4
+    assert result["augment"] == 2 and result["n_calib"] == 16  # the pool's images, before the copies

@@ -4,6 +4,7 @@ through the engine's Ray actors included, and writes well-formed rows and the si
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -21,8 +22,13 @@ def _main(argv: list[str]) -> int:
 
 
 @pytest.mark.slow
-def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
+def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert _main(["--tiny", "--results", str(tmp_path)]) == 0
+    litter = [p.name for p in scratch.iterdir() if p.name.startswith("dfq-")]
+    assert litter == []  # the distilled pool and the random checkpoint are removed
 
     rows = json.loads((tmp_path / "accuracy.json").read_text())
     for row in rows:
@@ -38,6 +44,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
     assert all(r["placement"] == "layer-input" for r in quantized)  # the peer's graph
     distilled = next(r for r in quantized if r["calib"] == "bn-distill")
     assert distilled["n_calib"] == 16 and distilled["distill_seconds"] > 0  # distilled by the engine
+    assert distilled["augment"] == 2  # reconstructed on the 16 images and a flipped/shifted copy of each
 
     side = json.loads((tmp_path / "peer_compare.json").read_text())
     assert [r["setting"] for r in side["rows"]] == [
@@ -48,6 +55,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path) -> None:
         assert r["peer_seconds"] > 0 and abs(r["time_ratio"] - r["ours_seconds"] / r["peer_seconds"]) < 0.01
     md = (tmp_path / "peer_compare.md").read_text()
     assert "Tiny CI form" in md and "| W2A4 genie-m real, layer-input | 2 |" in md
+    assert "| W4A4 genie-m bn-distill, layer-input | 2 | 16 (x2 flip/shift) |" in md
 
 
 def test_several_seeds_give_one_row_each_and_a_mean(tmp_path, capsys) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks import accuracy, report
-from launch.argtypes import seed_list
+from launch.argtypes import positive_int, seed_list
 
 #: PEERS.md, measured on this machine kind: (lossless 1,017, JPEG 7,959, seconds)
 PEER = {
@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-workers", type=int, default=DEFAULTS["distill_workers"])
     p.add_argument(
         "--distill-augment",
-        type=int,
+        type=positive_int,
         default=DEFAULTS["distill_augment"],
         help="reconstruct on the distilled images plus N-1 flipped/shifted copies (quant.data.augment_calibration)",
     )

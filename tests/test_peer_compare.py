@@ -90,6 +90,14 @@ def test_rerunning_one_setting_keeps_the_others_in_the_table(tmp_path) -> None:
     assert (tmp_path / "peer_compare.md").read_text().count("| W2A4 genie-m real, layer-input |") == 1
 
 
+def test_bad_augment_is_a_one_line_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        peer_compare.main(["--tiny", "--distill-augment", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--distill-augment" in err and "'0'" in err
+
+
 @pytest.mark.parametrize("bad", ["0,0", "-1", "1,x", ""])
 def test_bad_seeds_are_a_one_line_usage_error(bad: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:

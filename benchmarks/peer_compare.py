@@ -193,14 +193,14 @@ def run(args: argparse.Namespace) -> int:
             pool = args.pool
             if pool is None:
                 pool, distill_seconds = distill_pool(setup, tempfile.mkdtemp(prefix="dfq-peer-pool-"), args)
+                batches = max(1, args.distill_images // args.distill_batch)
                 extra["distill_seconds"] = round(distill_seconds, 1)
                 extra["distill_recipe"] = (
-                    f"{max(1, args.distill_images // args.distill_batch)} x {args.distill_batch}, "
-                    f"{args.distill_iters} iterations, {args.distill_workers} CPU actors"
+                    f"{batches} x {args.distill_batch}, {args.distill_iters} iterations, "
+                    f"{args.distill_workers} CPU actors"
                 )
                 extra["distill_s_per_iter_per_batch"] = round(
-                    distill_seconds / args.distill_iters / max(1, args.distill_images // args.distill_batch),
-                    3,
+                    distill_seconds / args.distill_iters / batches, 3
                 )
             calib = load_calibration(pool, setup.transform, args.distill_images)
             extra["augment"] = args.distill_augment

@@ -133,10 +133,9 @@ class BNDistillGenerator:
         bn_loss: str = "mse",
     ) -> None:
         _check_args(
-            input_size, mean, std, num_classes, iters, lr, batch_size, k, method, ce_weight, class_names
-        )
-        if bn_loss not in LOSS_FORMS:
-            raise EngineError(f"unknown bn-distill loss {bn_loss!r}; choose one of {', '.join(LOSS_FORMS)}")
+            input_size, mean, std, num_classes, iters, lr, batch_size, k, method, ce_weight, class_names,
+            bn_loss,
+        )  # fmt: skip
         self.bn_loss = bn_loss
         self.model_factory = model_factory
         self.input_size = tuple(int(v) for v in input_size)
@@ -378,10 +377,13 @@ def _check_args(
     method: str,
     ce_weight: float,
     class_names: Sequence[str] | None,
+    bn_loss: str,
 ) -> None:
     """Refuse a bad request before anything runs, with one line saying what is wrong."""
     if method not in METHODS:
         raise EngineError(f"unknown bn-distill method {method!r}; choose one of {', '.join(METHODS)}")
+    if bn_loss not in LOSS_FORMS:
+        raise EngineError(f"unknown bn-distill loss {bn_loss!r}; choose one of {', '.join(LOSS_FORMS)}")
     if len(input_size) != 3 or any(int(v) < 1 for v in input_size):
         raise EngineError(f"input_size must be (C, H, W) of positive ints, got {tuple(input_size)}")
     if len(mean) != input_size[0] or len(std) != input_size[0]:

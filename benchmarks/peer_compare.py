@@ -7,7 +7,9 @@ output A8, last linear W8A8), the same calibration draw (ASSETS.md) and the same
 2. W4A4, data-free: our bn-distill generator at the peer's budget (256 images = 2 batches of 128,
    400 iterations) through the engine into a pool, then 2,000 iterations per block from that pool
    and 7 flipped/shifted copies of each image (`--distill-augment`, default 8: no new information,
-   but a 256-image pool read ~250 times over is otherwise fitted image by image);
+   but a 256-image pool read ~250 times over is otherwise fitted image by image); each run seed
+   distils its own pool (engine seed = run seed, `--distill-pools per-seed`), so the mean over seeds
+   covers the pool draw as well as the reconstruction's;
 3. W2A4, real calibration, 2,000 iterations per block;
 
 plus round-to-nearest at W4A4 and W2A4. Rows go to accuracy.json; `peer_compare.md` puts them next
@@ -83,7 +85,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS["distill_augment"],
         help="reconstruct on the distilled images plus N-1 flipped/shifted copies (quant.data.augment_calibration)",
     )
-    p.add_argument("--pool", default=None, help="reuse this bn-distill pool instead of distilling")
+    p.add_argument(
+        "--distill-pools",
+        default="per-seed",
+        choices=["per-seed", "shared"],
+        help="per-seed: run seed s reconstructs from a pool distilled with engine seed s (default); "
+        "shared: one pool (engine seed 0) for every run seed",
+    )
+    p.add_argument(
+        "--pool", default=None, help="reuse this bn-distill pool for every seed instead of distilling"
+    )
     p.add_argument(
         "--placement",
         default="layer-input",
@@ -147,8 +158,9 @@ def tiny_setup(args: argparse.Namespace) -> Setup:
                  "random-64", "random-64")  # fmt: skip
 
 
-def distill_pool(setup: Setup, out: str, args: argparse.Namespace) -> tuple[str, float]:
-    """Run the engine's bn-distill generator for the ResNet-20 into `out`; (pool, wall seconds)."""
+def distill_pool(setup: Setup, out: str, args: argparse.Namespace, seed: int = 0) -> tuple[str, float]:
+    """Run the engine's bn-distill generator (engine seed `seed`) for the ResNet-20 into `out`;
+    (pool, wall seconds)."""
     from engine.config import GenerateConfig
     from engine.driver import generate
     from launch.classifier import distill_context
@@ -159,7 +171,7 @@ def distill_pool(setup: Setup, out: str, args: argparse.Namespace) -> tuple[str,
         generator="bn-distill", model="cifar_resnet20", checkpoint=setup.checkpoint, vocab="cifar10", k=2,
         steps=args.distill_iters, width=32, height=32, batch_size=args.distill_batch,
         generator_options={"bn_loss": "mse"},
-        workers=args.distill_workers, device="cpu",
+        workers=args.distill_workers, device="cpu", seed=seed,
     )  # fmt: skip
     t0 = time.perf_counter()
     generate(cfg, context)
@@ -167,7 +179,7 @@ def distill_pool(setup: Setup, out: str, args: argparse.Namespace) -> tuple[str,
 
 
 def run(args: argparse.Namespace) -> int:
-    from quant.data import augment_calibration, load_calibration
+    from quant.data import augment_calibration
     from quant.ptq import QuantConfig
 
     if args.tiny:
@@ -186,35 +198,21 @@ def run(args: argparse.Namespace) -> int:
     for i in chosen:
         method, wbits, calib_kind, iters = SETTINGS[i]
         iters = max(1, int(round(iters * args.iters_scale))) if iters else 0
-        extra = {}
         if calib_kind == "real":
-            calib = setup.real
+            calibs, extra = {seed: setup.real for seed in args.seeds}, {}
         else:
-            pool = args.pool
-            if pool is None:
-                pool, distill_seconds = distill_pool(setup, tempfile.mkdtemp(prefix="dfq-peer-pool-"), args)
-                batches = max(1, args.distill_images // args.distill_batch)
-                extra["distill_seconds"] = round(distill_seconds, 1)
-                extra["distill_recipe"] = (
-                    f"{batches} x {args.distill_batch}, {args.distill_iters} iterations, "
-                    f"{args.distill_workers} CPU actors"
-                )
-                extra["distill_s_per_iter_per_batch"] = round(
-                    distill_seconds / args.distill_iters / batches, 3
-                )
-            calib = load_calibration(pool, setup.transform, args.distill_images)
-            extra["augment"] = args.distill_augment
-            if args.pool is None:  # distilled here: the tiny form's is litter, a real one worth reusing
-                if args.tiny:
-                    shutil.rmtree(pool, ignore_errors=True)
-                else:
-                    print(f"distilled pool kept at {pool} (reuse it with --pool {pool})")
+            calibs, extra = distilled_calibration(setup, args)
         peer = PEER[(method, wbits, calib_kind)]
         runs = []
         for seed in args.seeds:
             config = QuantConfig(
                 wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement, seed=seed
             )
+            calib = calibs[seed]
+            # one seed's row takes the setting's scalars (the side row keeps the per-pool lists)
+            per_run = {k: v for k, v in extra.items() if not isinstance(v, list)}
+            if "pool_seeds" in extra:
+                per_run["pool_seed"] = extra["pool_seeds"][args.seeds.index(seed)]
             t0 = time.perf_counter()  # the copies are part of our pipeline's time
             images = augment_calibration(calib, extra.get("augment", 1), seed=seed)
             t_aug = time.perf_counter() - t0
@@ -226,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             new = accuracy.rows_for(
                 setup.name, fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
                 n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1),
-                s_per_iter_all_units=round(s_iter, 4), placement=args.placement, seed=seed, **extra,
+                s_per_iter_all_units=round(s_iter, 4), placement=args.placement, seed=seed, **per_run,
             )  # fmt: skip
             rows += new
             report.write_accuracy(results, rows)
@@ -251,6 +249,50 @@ def run(args: argparse.Namespace) -> int:
     if args.tiny:  # the random model's checkpoint only existed for the distilling actors to load
         shutil.rmtree(Path(setup.checkpoint).parent, ignore_errors=True)
     return 0
+
+
+def distilled_calibration(setup: Setup, args: argparse.Namespace) -> tuple[dict[int, torch.Tensor], dict]:
+    """The data-free setting's calibration images for each run seed, and the row fields about them.
+
+    Per seed (the default), run seed s reconstructs from a pool the engine distils with seed s: the
+    pool draw (initial latents, decoder weights, swing offsets) moves the W4A4 result by as much as
+    the reconstruction seed does, so only then is the mean over seeds what a user running the
+    recipe once should expect. Distillation seconds are the mean over the pools.
+    """
+    from quant.data import load_calibration
+
+    per_seed = args.distill_pools == "per-seed" and args.pool is None
+    pool_seeds = [seed if per_seed else 0 for seed in args.seeds]
+    images: dict[int, torch.Tensor] = {}
+    seconds: list[float] = []
+    for pool_seed in dict.fromkeys(pool_seeds):
+        if args.pool is not None:
+            path = args.pool
+        else:
+            out = tempfile.mkdtemp(prefix="dfq-peer-pool-")
+            path, wall = distill_pool(setup, out, args, seed=pool_seed)
+            seconds.append(wall)
+        images[pool_seed] = load_calibration(path, setup.transform, args.distill_images)
+        if args.pool is None:  # distilled here: the tiny form's is litter, a real one worth reusing
+            if args.tiny:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                print(
+                    f"distilled pool (engine seed {pool_seed}) kept at {path} (reuse it with --pool {path})"
+                )
+    extra: dict = {"augment": args.distill_augment}
+    if seconds:
+        batches = max(1, args.distill_images // args.distill_batch)
+        mean = float(np.mean(seconds))
+        extra.update(
+            pool_seeds=pool_seeds,
+            distill_seconds=round(mean, 1),
+            distill_seconds_per_pool=[round(t, 1) for t in seconds],
+            distill_recipe=f"{batches} x {args.distill_batch}, {args.distill_iters} iterations, "
+            f"{args.distill_workers} CPU actors",
+            distill_s_per_iter_per_batch=round(mean / args.distill_iters / batches, 3),
+        )
+    return {seed: images[pool_seed] for seed, pool_seed in zip(args.seeds, pool_seeds)}, extra
 
 
 def _label(method: str, wbits: int, calib_kind: str) -> str:
@@ -312,9 +354,16 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
     if any(len(r.get("seeds", [0])) > 1 for r in side):
         lines += [
             "",
-            "Where a setting ran with several seeds (QDrop masks, minibatch order, augmented copies; same "
-            "calibration images), ours is the mean with the range in brackets and the time is the mean run; "
-            "Genie's is its one PEERS.md run.",
+            "Where a setting ran with several seeds (QDrop masks, minibatch order, augmented copies; the "
+            "same real calibration images), ours is the mean with the range in brackets and the time is the "
+            "mean run; Genie's is its one PEERS.md run.",
+        ]
+    pools = {len(set(r["pool_seeds"])) for r in side if len(set(r.get("pool_seeds", []))) > 1}
+    if pools:
+        lines += [
+            "",
+            f"bn-distill with several seeds: each seed reconstructs from its own pool, distilled with the engine "
+            f"seed equal to the run seed ({max(pools)} pools), so the range covers the pool draw too.",
         ]
     if any(r.get("augment", 1) > 1 for r in side):
         lines += [
@@ -327,7 +376,7 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
         lines += [
             "",
             f"Distillation (bn-distill, {distill['n_calib']} images, {distill.get('distill_recipe', '')}): "
-            f"{distill['distill_seconds']:.0f} s wall against Genie-D's {PEER_DISTILL_SECONDS} s, "
+            f"{distill['distill_seconds']:.0f} s wall{_pool_range(distill)} against Genie-D's {PEER_DISTILL_SECONDS} s, "
             f"{distill['distill_s_per_iter_per_batch']:.3f} s per iteration per batch against "
             f"{PEER_DISTILL_S_PER_ITER}.",
         ]
@@ -335,6 +384,12 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
     (results / "peer_compare.json").write_text(
         json.dumps({"model": setup.name, "rows": side}, indent=1) + "\n"
     )
+
+
+def _pool_range(row: dict) -> str:
+    """`(mean of N pools, min-max)` where the row distilled several pools."""
+    per = row.get("distill_seconds_per_pool", [])
+    return f" (mean of {len(per)} pools, {min(per):.0f}-{max(per):.0f} s)" if len(per) > 1 else ""
 
 
 def _n_calib(row: dict) -> str:

@@ -3,6 +3,7 @@ through the engine's Ray actors included, and writes well-formed rows and the si
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 
@@ -56,6 +57,33 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
     md = (tmp_path / "peer_compare.md").read_text()
     assert "Tiny CI form" in md and "| W2A4 genie-m real, layer-input | 2 |" in md
     assert "| W4A4 genie-m bn-distill, layer-input | 2 | 16 (x2 flip/shift) |" in md
+
+
+@pytest.mark.slow
+def test_data_free_seeds_each_distil_their_own_pool(ray_local, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["--tiny", "--settings", "2", "--seeds", "0,1", "--results", str(tmp_path / "r")]
+    assert _main(argv) == 0
+    (side,) = json.loads((tmp_path / "r" / "peer_compare.json").read_text())["rows"]
+    assert side["pool_seeds"] == [0, 1] and len(side["distill_seconds_per_pool"]) == 2
+    rows = [r for r in json.loads((tmp_path / "r" / "accuracy.json").read_text()) if r["method"] == "genie-m"]
+    assert {(r["seed"], r["pool_seed"]) for r in rows} == {(0, 0), (1, 1)}
+    assert "each seed reconstructs from its own pool" in (tmp_path / "r" / "peer_compare.md").read_text()
+
+    # the images themselves: engine seed s gives another pool; `shared` gives every seed engine seed 0's
+    args = argparse.Namespace(
+        tiny=True, pool=None, seeds=[0, 1], distill_pools="per-seed", **peer_compare.TINY
+    )
+    setup = peer_compare.tiny_setup(args)
+    own, _ = peer_compare.distilled_calibration(setup, args)
+    args.distill_pools = "shared"
+    shared, extra = peer_compare.distilled_calibration(setup, args)
+    assert extra["pool_seeds"] == [0, 0] and len(extra["distill_seconds_per_pool"]) == 1
+    assert torch.equal(own[0], shared[0]) and torch.equal(
+        shared[0], shared[1]
+    )  # distillation is deterministic
+    assert not torch.allclose(own[0], own[1])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("dfq-peer-pool-")] == []
 
 
 def test_several_seeds_give_one_row_each_and_a_mean(tmp_path, capsys) -> None:

@@ -7,7 +7,8 @@ output A8, last linear W8A8), the same calibration draw (ASSETS.md) and the same
 2. W4A4, data-free: our bn-distill generator at the peer's budget (256 images = 2 batches of 128,
    400 iterations) through the engine into a pool, then 2,000 iterations per block from that pool
    and 7 flipped/shifted copies of each image (`--distill-augment`, default 8: no new information,
-   but a 256-image pool read ~250 times over is otherwise fitted image by image); each run seed
+   but a 256-image pool read ~250 times over is otherwise fitted image by image), each copy with a
+   box pasted from another (`--distill-cutmix`, up to half the image); each run seed
    distils its own pool (engine seed = run seed, `--distill-pools per-seed`), so the mean over seeds
    covers the pool draw as well as the reconstruction's;
 3. W2A4, real calibration, 2,000 iterations per block;
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks import accuracy, report
-from launch.argtypes import positive_int, seed_list
+from launch.argtypes import area_fraction, positive_int, seed_list
 
 #: PEERS.md, measured on this machine kind: (lossless 1,017, JPEG 7,959, seconds)
 PEER = {
@@ -53,7 +54,7 @@ SETTINGS = [  # (method, wbits, calib, iters)
 ]
 #: argument defaults, and the tiny form's values for them (3 + 2 iterations, 16 distilled images)
 DEFAULTS = {"iters_scale": 1.0, "distill_iters": 400, "distill_images": 256, "distill_batch": 128,
-            "distill_workers": 2, "distill_augment": 8}  # fmt: skip
+            "distill_workers": 2, "distill_augment": 8, "distill_cutmix": 0.5}  # fmt: skip
 TINY = {
     "iters_scale": 0.001,
     "distill_iters": 2,
@@ -84,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=DEFAULTS["distill_augment"],
         help="reconstruct on the distilled images plus N-1 flipped/shifted copies (quant.data.augment_calibration)",
+    )
+    p.add_argument(
+        "--distill-cutmix",
+        type=area_fraction,
+        default=DEFAULTS["distill_cutmix"],
+        help="paste into each copy a box from another copy, of up to this fraction of the image (0: none)",
     )
     p.add_argument(
         "--distill-pools",
@@ -214,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
             if "pool_seeds" in extra:
                 per_run["pool_seed"] = extra["pool_seeds"][args.seeds.index(seed)]
             t0 = time.perf_counter()  # the copies are part of our pipeline's time
-            images = augment_calibration(calib, extra.get("augment", 1), seed=seed)
+            images = augment_calibration(
+                calib, extra.get("augment", 1), seed=seed, cutmix=extra.get("cutmix", 0.0)
+            )
             t_aug = time.perf_counter() - t0
             seconds, scores, qmodel = accuracy.quantize_and_evaluate(
                 setup.model, images, config, setup.evals, progress=not args.tiny
@@ -281,6 +290,8 @@ def distilled_calibration(setup: Setup, args: argparse.Namespace) -> tuple[dict[
                     f"distilled pool (engine seed {pool_seed}) kept at {path} (reuse it with --pool {path})"
                 )
     extra: dict = {"augment": args.distill_augment}
+    if args.distill_augment > 1 and args.distill_cutmix > 0:
+        extra["cutmix"] = args.distill_cutmix
     if seconds:
         batches = max(1, args.distill_images // args.distill_batch)
         mean = float(np.mean(seconds))
@@ -372,6 +383,14 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
             "left-right with probability 1/2 and shifted by up to 1/8 of the image (reflect padding; "
             "`quant.data.augment_calibration`, `dfq quantize --augment N`); the copies' time is in ours.",
         ]
+    cut = sorted({r["cutmix"] for r in side if r.get("cutmix")})
+    if cut:
+        lines += [
+            "",
+            f"cutmix {', '.join(map(str, cut))}: each copy also gets a square box pasted from another copy, of an "
+            "area drawn uniformly up to that fraction of the image, at a uniform position (MixMix's data "
+            "mixing; `dfq quantize --augment-cutmix F`).",
+        ]
     if distill is not None:
         lines += [
             "",
@@ -395,7 +414,9 @@ def _pool_range(row: dict) -> str:
 def _n_calib(row: dict) -> str:
     """The calibration images, and how many copies the reconstruction saw of each."""
     copies = row.get("augment", 1)
-    return f"{row['n_calib']} (x{copies} flip/shift)" if copies > 1 else str(row["n_calib"])
+    if copies <= 1:
+        return str(row["n_calib"])
+    return f"{row['n_calib']} (x{copies} flip/shift{', cutmix ' + str(row['cutmix']) if row.get('cutmix') else ''})"
 
 
 def _spread(row: dict, col: str) -> str:

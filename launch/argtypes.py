@@ -35,6 +35,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def area_fraction(text: str) -> float:
+    """A fraction of an image's area in [0, 1), e.g. `0.5`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def bits(text: str) -> int:
     """A bit width: 2..8, or 32 for "leave in float"."""
     try:

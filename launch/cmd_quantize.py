@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from launch.argtypes import bits, nonnegative_int, positive_int
+from launch.argtypes import area_fraction, bits, nonnegative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=1,
         help="reconstruct on the images plus N-1 flipped and shifted copies (small pools; default 1: none)",
+    )
+    p.add_argument(
+        "--augment-cutmix",
+        type=area_fraction,
+        default=0.0,
+        help="with --augment: paste into each copy a box from another copy, of up to this fraction of "
+        "the image's area (default 0: none)",
     )
     p.add_argument(
         "--verify",
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         calib = load_calibration(args.calib, transform, args.n_calib, seed=args.seed)
     n_calib = int(calib.shape[0])
-    calib = augment_calibration(calib, args.augment, seed=args.seed)
+    calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
     qmodel = quantize_model(model, calib, config, progress=progress)
     seconds = time.perf_counter() - start
 
@@ -186,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "calib": args.calib,
         "n_calib": n_calib,
         "augment": args.augment,
+        "augment_cutmix": args.augment_cutmix,
         "wbits": args.wbits,
         "abits": args.abits,
         "first_last_bits": args.first_last_bits,

@@ -277,9 +277,13 @@ def noise_calibration(n: int, input_size: int | Sequence[int], seed: int = 0) ->
     return torch.randn(n, c, h, w, generator=g)
 
 
-def augment_calibration(images: torch.Tensor, copies: int, seed: int = 0) -> torch.Tensor:
+def augment_calibration(
+    images: torch.Tensor, copies: int, seed: int = 0, cutmix: float = 0.0
+) -> torch.Tensor:
     """`images` followed by `copies - 1` augmented copies: each image flipped left-right with
-    probability 1/2 and shifted by up to 1/8 of its size (reflect padding), per copy and image.
+    probability 1/2 and shifted by up to 1/8 of its size (reflect padding), per copy and image;
+    with `cutmix` > 0, each copy then gets a square box pasted from another copy, of an area drawn
+    uniformly up to `cutmix` of the image, at a uniform position.
 
     Why: a small pool (the 256 images BN distillation affords) is seen ~250 times in a 2,000
     iteration block reconstruction at batch 32, and the rounding fits those images' block outputs
@@ -288,10 +292,15 @@ def augment_calibration(images: torch.Tensor, copies: int, seed: int = 0) -> tor
     outputs are matched on, with no new information and at the same cost per iteration. On the
     CIFAR-10 ResNet-20, W4A4 genie-m from a 256-image distilled pool, seeds 0/1/2, JPEG set:
     79.68 / 79.80 / 80.15 without copies, 79.98 / 80.05 / 80.19 with 4, 80.27 / 79.98 / 80.21 with 8.
-    Deterministic in (`images`, `copies`, `seed`); the originals come first and unchanged.
+    Cut-and-paste mixing (MixMix's data mixing, CutMix's boxes) adds inputs no single image gives:
+    on five pools (one per seed, 8 copies), `cutmix=0.5` moved the JPEG results from 79.80 / 79.88 /
+    80.29 / 80.31 / 79.80 (mean 80.02) to 80.06 / 80.37 / 80.00 / 80.44 / 80.05 (80.18).
+    Deterministic in (`images`, `copies`, `seed`, `cutmix`); the originals come first and unchanged.
     """
     if copies < 1:
         raise QuantError(f"augmented copies must be >= 1, got {copies}")
+    if isinstance(cutmix, bool) or not isinstance(cutmix, (int, float)) or not 0.0 <= cutmix < 1.0:
+        raise QuantError(f"cutmix must be an area fraction in [0, 1), got {cutmix!r}")
     if copies == 1:
         return images
     b, _, h, w = images.shape
@@ -310,4 +319,24 @@ def augment_calibration(images: torch.Tensor, copies: int, seed: int = 0) -> tor
         dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=g).view(b, 1, 1)
         index = ((rows + dy) * (w + 2 * pad_w) + cols + dx).view(b, 1, h * w).expand(-1, x.shape[1], -1)
         out.append(torch.gather(padded.flatten(2), 2, index).view_as(x))
-    return torch.cat(out)
+    extra = torch.cat(out[1:])
+    if cutmix > 0:
+        extra = _paste_boxes(extra, cutmix, g)
+    return torch.cat([images, extra])
+
+
+def _paste_boxes(x: torch.Tensor, max_area: float, g: torch.Generator) -> torch.Tensor:
+    """Each image of `x` with a square box from another image of `x` (random partner, area uniform
+    in [0, max_area] of the image, uniform position) pasted at the same place."""
+    n, _, h, w = x.shape
+    partner = x[torch.randint(0, n, (n,), generator=g)]
+    side = (max_area * torch.rand(n, generator=g)).sqrt()
+    bh, bw = (side * h).round().long(), (side * w).round().long()
+    y0 = (torch.rand(n, generator=g) * (h - bh + 1)).long().clamp_max(h - bh)
+    x0 = (torch.rand(n, generator=g) * (w - bw + 1)).long().clamp_max(w - bw)
+    ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    inside = (
+        (ys >= y0.view(n, 1, 1)) & (ys < (y0 + bh).view(n, 1, 1))
+        & (xs >= x0.view(n, 1, 1)) & (xs < (x0 + bw).view(n, 1, 1))
+    )  # fmt: skip
+    return torch.where(inside.unsqueeze(1), partner, x)

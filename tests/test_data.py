@@ -169,3 +169,25 @@ def test_augmented_copies_are_flipped_shifted_crops_of_their_image() -> None:
     assert augment_calibration(x, 1) is x
     with pytest.raises(QuantError, match="augmented copies must be >= 1, got 0"):
         augment_calibration(x, 0)
+
+
+def test_cutmix_copies_paste_one_box_from_another_copy() -> None:
+    x = torch.randn(6, 3, 16, 16)
+    plain = augment_calibration(x, 3, seed=2)
+    mixed = augment_calibration(x, 3, seed=2, cutmix=0.5)
+    assert torch.equal(mixed[:6], x) and torch.equal(mixed, augment_calibration(x, 3, seed=2, cutmix=0.5))
+    assert torch.equal(plain, augment_calibration(x, 3, seed=2, cutmix=0.0))  # 0: the plain copies
+    changed = 0
+    for j in range(6, 18):
+        diff = (mixed[j] != plain[j]).any(0)  # pixels taken from the partner
+        if diff.any():
+            changed += 1
+            rows, cols = diff.any(1).nonzero().flatten(), diff.any(0).nonzero().flatten()
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert box <= 0.5 * 256 + 2 * 16 + 1  # at most half the image (rounding of the side)
+            sources = [k for k in range(6, 18) if torch.equal(mixed[j][:, diff], plain[k][:, diff])]
+            assert sources, j  # the box is another copy's pixels at the same place
+    assert changed >= 6
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(QuantError, match="cutmix must be an area fraction"):
+            augment_calibration(x, 2, cutmix=bad)

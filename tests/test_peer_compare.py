@@ -46,6 +46,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
     distilled = next(r for r in quantized if r["calib"] == "bn-distill")
     assert distilled["n_calib"] == 16 and distilled["distill_seconds"] > 0  # distilled by the engine
     assert distilled["augment"] == 2  # reconstructed on the 16 images and a flipped/shifted copy of each
+    assert distilled["cutmix"] == 0.5  # each copy with a box from another copy
 
     side = json.loads((tmp_path / "peer_compare.json").read_text())
     assert [r["setting"] for r in side["rows"]] == [
@@ -56,7 +57,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
         assert r["peer_seconds"] > 0 and abs(r["time_ratio"] - r["ours_seconds"] / r["peer_seconds"]) < 0.01
     md = (tmp_path / "peer_compare.md").read_text()
     assert "Tiny CI form" in md and "| W2A4 genie-m real, layer-input | 2 |" in md
-    assert "| W4A4 genie-m bn-distill, layer-input | 2 | 16 (x2 flip/shift) |" in md
+    assert "| W4A4 genie-m bn-distill, layer-input | 2 | 16 (x2 flip/shift, cutmix 0.5) |" in md
 
 
 @pytest.mark.slow
@@ -72,7 +73,7 @@ def test_data_free_seeds_each_distil_their_own_pool(ray_local, tmp_path, monkeyp
 
     # the images themselves: engine seed s gives another pool; `shared` gives every seed engine seed 0's
     args = argparse.Namespace(
-        tiny=True, pool=None, seeds=[0, 1], distill_pools="per-seed", **peer_compare.TINY
+        tiny=True, pool=None, seeds=[0, 1], distill_pools="per-seed", distill_cutmix=0.5, **peer_compare.TINY
     )
     setup = peer_compare.tiny_setup(args)
     own, _ = peer_compare.distilled_calibration(setup, args)
@@ -124,6 +125,15 @@ def test_bad_augment_is_a_one_line_usage_error(capsys) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--distill-augment" in err and "'0'" in err
+
+
+@pytest.mark.parametrize("bad", ["1", "-0.1", "x", "nan"])
+def test_bad_cutmix_is_a_one_line_usage_error(bad: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        peer_compare.main(["--tiny", "--distill-cutmix", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--distill-cutmix" in err and repr(bad) in err
 
 
 @pytest.mark.parametrize("bad", ["0,0", "-1", "1,x", ""])

@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--distill-cutmix",
         type=area_fraction,
         default=DEFAULTS["distill_cutmix"],
-        help="paste into each copy a box from another copy, of up to this fraction of the image (0: none)",
+        help="paste into each copy a box from a randomly drawn copy, of up to about this fraction of the image (0: none)",
     )
     p.add_argument(
         "--distill-pools",
@@ -216,10 +216,13 @@ def run(args: argparse.Namespace) -> int:
                 wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement, seed=seed
             )
             calib = calibs[seed]
-            # one seed's row takes the setting's scalars (the side row keeps the per-pool lists)
+            # one seed's row takes the setting's scalars and its own pool's (the side row keeps the lists)
             per_run = {k: v for k, v in extra.items() if not isinstance(v, list)}
             if "pool_seeds" in extra:
-                per_run["pool_seed"] = extra["pool_seeds"][args.seeds.index(seed)]
+                pool_seed = dict(zip(args.seeds, extra["pool_seeds"]))[seed]
+                per_run["pool_seed"] = pool_seed
+                distilled = list(dict.fromkeys(extra["pool_seeds"]))  # distill_seconds_per_pool's order
+                per_run["distill_seconds"] = extra["distill_seconds_per_pool"][distilled.index(pool_seed)]
             t0 = time.perf_counter()  # the copies are part of our pipeline's time
             images = augment_calibration(
                 calib, extra.get("augment", 1), seed=seed, cutmix=extra.get("cutmix", 0.0)
@@ -387,9 +390,9 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
     if cut:
         lines += [
             "",
-            f"cutmix {', '.join(map(str, cut))}: each copy also gets a square box pasted from another copy, of an "
-            "area drawn uniformly up to that fraction of the image, at a uniform position (MixMix's data "
-            "mixing; `dfq quantize --augment-cutmix F`).",
+            f"cutmix {', '.join(map(str, cut))}: each copy also gets a box pasted from a randomly drawn copy, of "
+            "an area drawn uniformly up to about that fraction of the image, at a uniform position (MixMix's "
+            "data mixing; `dfq quantize --augment-cutmix F`).",
         ]
     if distill is not None:
         lines += [

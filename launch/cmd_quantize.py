@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--augment-cutmix",
         type=area_fraction,
         default=0.0,
-        help="with --augment: paste into each copy a box from another copy, of up to this fraction of "
-        "the image's area (default 0: none)",
+        help="with --augment N > 1: paste into each copy a box from a randomly drawn copy, of up to "
+        "about this fraction of the image's area (default 0: none)",
     )
     p.add_argument(
         "--verify",
@@ -153,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    if args.augment_cutmix > 0 and args.augment == 1:
+        raise QuantError(
+            f"--augment-cutmix {args.augment_cutmix} mixes augmented copies: give --augment N > 1 too"
+        )
     _check_source(args.calib, "calibration source")
     from_pool = args.calib != "noise" and source_kind(args.calib) == "pool"
     if from_pool:

@@ -282,8 +282,9 @@ def augment_calibration(
 ) -> torch.Tensor:
     """`images` followed by `copies - 1` augmented copies: each image flipped left-right with
     probability 1/2 and shifted by up to 1/8 of its size (reflect padding), per copy and image;
-    with `cutmix` > 0, each copy then gets a square box pasted from another copy, of an area drawn
-    uniformly up to `cutmix` of the image, at a uniform position.
+    with `cutmix` > 0, each copy then gets a box pasted from a randomly drawn copy (any copy, itself
+    included), of the image's aspect ratio and an area drawn uniformly up to about `cutmix` of the
+    image (sides rounded to whole pixels), at a uniform position.
 
     Why: a small pool (the 256 images BN distillation affords) is seen ~250 times in a 2,000
     iteration block reconstruction at batch 32, and the rounding fits those images' block outputs
@@ -326,8 +327,8 @@ def augment_calibration(
 
 
 def _paste_boxes(x: torch.Tensor, max_area: float, g: torch.Generator) -> torch.Tensor:
-    """Each image of `x` with a square box from another image of `x` (random partner, area uniform
-    in [0, max_area] of the image, uniform position) pasted at the same place."""
+    """Each image of `x` with the same box of a randomly drawn image of `x` (itself included) pasted in:
+    sides sqrt(a) times the image's, a uniform in [0, max_area], sides rounded; uniform position."""
     n, _, h, w = x.shape
     partner = x[torch.randint(0, n, (n,), generator=g)]
     side = (max_area * torch.rand(n, generator=g)).sqrt()

@@ -184,10 +184,10 @@ def test_cutmix_copies_paste_one_box_from_another_copy() -> None:
             changed += 1
             rows, cols = diff.any(1).nonzero().flatten(), diff.any(0).nonzero().flatten()
             box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-            assert box <= 0.5 * 256 + 2 * 16 + 1  # at most half the image (rounding of the side)
+            assert box <= round(16 * 0.5**0.5) ** 2  # sides sqrt(a) x 16 rounded, a <= 0.5
             sources = [k for k in range(6, 18) if torch.equal(mixed[j][:, diff], plain[k][:, diff])]
             assert sources, j  # the box is another copy's pixels at the same place
-    assert changed >= 6
+    assert changed >= 10  # all but a partner that is the copy itself or a box under half a pixel
     for bad in (1.0, -0.1, True):
         with pytest.raises(QuantError, match="cutmix must be an area fraction"):
             augment_calibration(x, 2, cutmix=bad)

@@ -69,6 +69,8 @@ def test_data_free_seeds_each_distil_their_own_pool(ray_local, tmp_path, monkeyp
     assert side["pool_seeds"] == [0, 1] and len(side["distill_seconds_per_pool"]) == 2
     rows = [r for r in json.loads((tmp_path / "r" / "accuracy.json").read_text()) if r["method"] == "genie-m"]
     assert {(r["seed"], r["pool_seed"]) for r in rows} == {(0, 0), (1, 1)}
+    own_seconds = {r["pool_seed"]: r["distill_seconds"] for r in rows}  # each row its own pool's time
+    assert [own_seconds[0], own_seconds[1]] == side["distill_seconds_per_pool"]
     assert "each seed reconstructs from its own pool" in (tmp_path / "r" / "peer_compare.md").read_text()
 
     # the images themselves: engine seed s gives another pool; `shared` gives every seed engine seed 0's

@@ -7,8 +7,8 @@ output A8, last linear W8A8), the same calibration draw (ASSETS.md) and the same
 2. W4A4, data-free: our bn-distill generator at the peer's budget (256 images = 2 batches of 128,
    400 iterations) through the engine into a pool, then 2,000 iterations per block from that pool
    and 7 flipped/shifted copies of each image (`--distill-augment`, default 8: no new information,
-   but a 256-image pool read ~250 times over is otherwise fitted image by image), each copy with a
-   box pasted from another (`--distill-cutmix`, up to half the image); each run seed
+   but a 256-image pool read ~250 times over is otherwise fitted image by image; `--distill-cutmix`
+   pastes boxes between copies, measured neutral and off by default); each run seed
    distils its own pool (engine seed = run seed, `--distill-pools per-seed`), so the mean over seeds
    covers the pool draw as well as the reconstruction's;
 3. W2A4, real calibration, 2,000 iterations per block;
@@ -54,7 +54,7 @@ SETTINGS = [  # (method, wbits, calib, iters)
 ]
 #: argument defaults, and the tiny form's values for them (3 + 2 iterations, 16 distilled images)
 DEFAULTS = {"iters_scale": 1.0, "distill_iters": 400, "distill_images": 256, "distill_batch": 128,
-            "distill_workers": 2, "distill_augment": 8, "distill_cutmix": 0.5}  # fmt: skip
+            "distill_workers": 2, "distill_augment": 8, "distill_cutmix": 0.0}  # fmt: skip
 TINY = {
     "iters_scale": 0.001,
     "distill_iters": 2,

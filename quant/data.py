@@ -294,8 +294,9 @@ def augment_calibration(
     CIFAR-10 ResNet-20, W4A4 genie-m from a 256-image distilled pool, seeds 0/1/2, JPEG set:
     79.68 / 79.80 / 80.15 without copies, 79.98 / 80.05 / 80.19 with 4, 80.27 / 79.98 / 80.21 with 8.
     Cut-and-paste mixing (MixMix's data mixing, CutMix's boxes) adds inputs no single image gives:
-    on five pools (one per seed, 8 copies), `cutmix=0.5` moved the JPEG results from 79.80 / 79.88 /
-    80.29 / 80.31 / 79.80 (mean 80.02) to 80.06 / 80.37 / 80.00 / 80.44 / 80.05 (80.18).
+    on five pools (one per seed, 8 copies), a scratch run of `cutmix=0.5` gave 80.18 on the JPEG set
+    against 80.02 without, but `dfq bench peer --distill-cutmix 0.5` on the same pools 79.92: neutral
+    within the seed-to-seed spread, so it is off by default.
     Deterministic in (`images`, `copies`, `seed`, `cutmix`); the originals come first and unchanged.
     """
     if copies < 1:

@@ -27,7 +27,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    assert _main(["--tiny", "--results", str(tmp_path)]) == 0
+    assert _main(["--tiny", "--distill-cutmix", "0.5", "--results", str(tmp_path)]) == 0
     litter = [p.name for p in scratch.iterdir() if p.name.startswith("dfq-")]
     assert litter == []  # the distilled pool and the random checkpoint are removed
 

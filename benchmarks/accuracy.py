@@ -112,14 +112,16 @@ def calibration(
 
 # ------------------------------------------------------------------------------------------ runs
 def quantize_and_evaluate(model, calib: torch.Tensor, config, evals: dict, progress: bool = True) -> tuple:
-    """(seconds for calibration + reconstruction, {eval name: evaluate() result}, quantized model)."""
+    """(seconds for calibration + reconstruction, {eval name: evaluate() result}, quantized model).
+
+    The scores carry the fidelity to `model` (evaluate's 'agree' and 'kl'), which rows_for records."""
     from quant.evaluate import evaluate
     from quant.ptq import quantize_model
 
     t0 = time.perf_counter()
     qmodel = quantize_model(model, calib, config, progress=progress)
     seconds = time.perf_counter() - t0
-    scores = {name: evaluate(qmodel, data, progress=False) for name, data in evals.items()}
+    scores = {name: evaluate(qmodel, data, progress=False, reference=model) for name, data in evals.items()}
     return seconds, scores, qmodel
 
 
@@ -138,6 +140,7 @@ def rows_for(model_name: str, fp: dict, scores: dict, **fields) -> list[dict]:
             top5=round(s["top5"], 2),
             fp_top1=round(fp[name]["top1"], 2),
             n_eval=s["n"],
+            **{f"fp_{k}": round(s[k], digits) for k, digits in (("agree", 2), ("kl", 5)) if k in s},
             **fields,
         )  # fmt: skip
         for name, s in scores.items()

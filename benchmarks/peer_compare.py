@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks import accuracy, report
-from launch.argtypes import area_fraction, positive_int, seed_list
+from launch.argtypes import area_fraction, nonnegative_float, positive_int, seed_list
 
 #: PEERS.md, measured on this machine kind: (lossless 1,017, JPEG 7,959, seconds)
 PEER = {
@@ -54,7 +54,8 @@ SETTINGS = [  # (method, wbits, calib, iters)
 ]
 #: argument defaults, and the tiny form's values for them (3 + 2 iterations, 16 distilled images)
 DEFAULTS = {"iters_scale": 1.0, "distill_iters": 400, "distill_images": 256, "distill_batch": 128,
-            "distill_workers": 2, "distill_augment": 8, "distill_cutmix": 0.0}  # fmt: skip
+            "distill_workers": 2, "distill_augment": 8, "distill_cutmix": 0.0,
+            "distill_ce_weight": 0.1}  # fmt: skip
 TINY = {
     "iters_scale": 0.001,
     "distill_iters": 2,
@@ -80,6 +81,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-images", type=int, default=DEFAULTS["distill_images"])
     p.add_argument("--distill-batch", type=int, default=DEFAULTS["distill_batch"])
     p.add_argument("--distill-workers", type=int, default=DEFAULTS["distill_workers"])
+    p.add_argument(
+        "--distill-ce-weight",
+        type=nonnegative_float,
+        default=DEFAULTS["distill_ce_weight"],
+        help="weight of the distillation's class term (two classes at 0.5/0.5 per image) against its BN "
+        "statistics term; 0 = BN statistics only, Genie-D's objective (default 0.1)",
+    )
     p.add_argument(
         "--distill-augment",
         type=positive_int,
@@ -177,7 +185,7 @@ def distill_pool(setup: Setup, out: str, args: argparse.Namespace, seed: int = 0
         out=out, num_images=args.distill_images, shard_size=args.distill_batch, preset="bn-distill",
         generator="bn-distill", model="cifar_resnet20", checkpoint=setup.checkpoint, vocab="cifar10", k=2,
         steps=args.distill_iters, width=32, height=32, batch_size=args.distill_batch,
-        generator_options={"bn_loss": "mse"},
+        generator_options={"bn_loss": "mse", "ce_weight": args.distill_ce_weight},
         workers=args.distill_workers, device="cpu", seed=seed,
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -210,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             calibs, extra = distilled_calibration(setup, args)
         peer = PEER[(method, wbits, calib_kind)]
-        runs = []
+        runs, fidelity = [], []
         for seed in args.seeds:
             config = QuantConfig(
                 wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement, seed=seed
@@ -240,9 +248,12 @@ def run(args: argparse.Namespace) -> int:
             )  # fmt: skip
             rows += new
             report.write_accuracy(results, rows)
-            by = {r["dataset"]: r["top1"] for r in new}
-            runs.append((by[setup.lossless], by[setup.jpeg], seconds, s_iter))
+            by = {r["dataset"]: r for r in new}
+            jpeg_row = by[setup.jpeg]
+            runs.append((by[setup.lossless]["top1"], jpeg_row["top1"], seconds, s_iter))
+            fidelity.append((jpeg_row["fp_agree"], jpeg_row["fp_kl"]))
         lossless, jpeg, secs, s_iters = (np.array(col, dtype=float) for col in zip(*runs))
+        agree, kl = (np.array(col, dtype=float) for col in zip(*fidelity))
         side.append(
             {
                 "setting": _label(method, wbits, calib_kind), "placement": args.placement, "iters": iters,
@@ -252,7 +263,9 @@ def run(args: argparse.Namespace) -> int:
                 "ours_lossless_per_seed": lossless.tolist(), "ours_jpeg_per_seed": jpeg.tolist(),
                 "ours_seconds": round(float(secs.mean()), 1), "peer_seconds": peer[2],
                 "time_ratio": round(float(secs.mean()) / peer[2], 3),
-                "s_per_iter_all_units": round(float(s_iters.mean()), 4), **extra,
+                "s_per_iter_all_units": round(float(s_iters.mean()), 4),
+                "ours_jpeg_agree": round(float(agree.mean()), 2), "ours_jpeg_kl": round(float(kl.mean()), 5),
+                **extra,
                 "device": report.device_string(), "date": report.today(),
             }
         )  # fmt: skip
@@ -303,10 +316,20 @@ def distilled_calibration(setup: Setup, args: argparse.Namespace) -> tuple[dict[
             distill_seconds=round(mean, 1),
             distill_seconds_per_pool=[round(t, 1) for t in seconds],
             distill_recipe=f"{batches} x {args.distill_batch}, {args.distill_iters} iterations, "
-            f"{args.distill_workers} CPU actors",
+            f"{_class_term(args.distill_ce_weight)}, {args.distill_workers} CPU actors",
+            distill_ce_weight=args.distill_ce_weight,
             distill_s_per_iter_per_batch=round(mean / args.distill_iters / batches, 3),
         )
     return {seed: images[pool_seed] for seed, pool_seed in zip(args.seeds, pool_seeds)}, extra
+
+
+def _class_term(ce_weight: float) -> str:
+    """The distillation objective beyond the BN statistics, as the table names it."""
+    return (
+        "BN statistics only"
+        if ce_weight == 0
+        else f"+ {ce_weight:g} x cross-entropy to two classes at 0.5/0.5"
+    )
 
 
 def _label(method: str, wbits: int, calib_kind: str) -> str:
@@ -393,6 +416,18 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
             f"cutmix {', '.join(map(str, cut))}: each copy also gets a box pasted from a randomly drawn copy, of "
             "an area drawn uniformly up to about that fraction of the image, at a uniform position (MixMix's "
             "data mixing; `dfq quantize --augment-cutmix F`).",
+        ]
+    fid = [r for r in side if r.get("ours_jpeg_agree") is not None]
+    if fid:
+        lines += [
+            "",
+            "Fidelity to the fp32 model on the JPEG set (ours, mean over seeds; rows measured before it was "
+            "recorded have none): "
+            + "; ".join(
+                f"{r['setting']}: top-1 agreement {r['ours_jpeg_agree']:.2f}%, KL {r['ours_jpeg_kl']:.4f}"
+                for r in fid
+            )
+            + ". Genie's run did not record it.",
         ]
     if distill is not None:
         lines += [

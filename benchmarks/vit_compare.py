@@ -229,7 +229,7 @@ def _quantize_and_evaluate(
     t0 = time.perf_counter()
     qmodel = quantize_vit(model, calib, settings)
     seconds = time.perf_counter() - t0
-    scores = {name: evaluate(qmodel, data, progress=False) for name, data in evals.items()}
+    scores = {name: evaluate(qmodel, data, progress=False, reference=model) for name, data in evals.items()}
     return seconds, scores, qmodel
 
 
@@ -252,6 +252,7 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
     """bits -> dataset -> {mean, min, max, n, draws}, and bits -> calibration seconds summary."""
     top1: dict[str, dict[str, list[tuple[int, float]]]] = {}
     secs: dict[str, dict[int, float]] = {}
+    fidelity: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in rows:
         if r["model"] != model_name:
             continue
@@ -268,16 +269,20 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
                 name += f" {grid}-input"
             top1.setdefault(name, {}).setdefault(r["dataset"], []).append((r["draw"], r["top1"]))
             secs.setdefault(name, {})[r["draw"]] = r["seconds"]
+            if r.get("fp_agree") is not None:  # rows measured before fidelity was recorded have none
+                fid = fidelity.setdefault(name, {}).setdefault(r["dataset"], {"agree": [], "kl": []})
+                fid["agree"].append(r["fp_agree"])
+                fid["kl"].append(r["fp_kl"])
 
-    def stats(values: list[float]) -> dict:
+    def stats(values: list[float], digits: int = 2) -> dict:
         return {
-            "mean": round(statistics.fmean(values), 2),
-            "min": round(min(values), 2),
-            "max": round(max(values), 2),
+            "mean": round(statistics.fmean(values), digits),
+            "min": round(min(values), digits),
+            "max": round(max(values), digits),
             "n": len(values),
         }
 
-    out: dict = {"top1": {}, "seconds": {}}
+    out: dict = {"top1": {}, "seconds": {}, "fidelity": {}}
     for name, by_ds in top1.items():
         out["top1"][name] = {
             ds: {
@@ -289,6 +294,10 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
         }
     for name, by_draw in secs.items():
         out["seconds"][name] = stats(list(by_draw.values()))
+    for name, by_ds in fidelity.items():
+        out["fidelity"][name] = {
+            ds: {"agree": stats(f["agree"]), "kl": stats(f["kl"], 4)} for ds, f in by_ds.items()
+        }
     return out
 
 
@@ -370,6 +379,7 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
             p = peer[peer_col[ds]] if peer and ds in peer_col else None
             cells += f" {'-' if v is None else f'{v:.2f}'} | {'-' if p is None else f'{p:.2f}'} |"
         lines.append(cells)
+    lines += fidelity_markdown(summary["fidelity"], names, datasets)
     (lo_l, hi_l), (lo_j, hi_j) = PEER_W4A4_OTHER_BATCHES
     lines += [
         "",
@@ -402,6 +412,36 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "",
     ]
     return "\n".join(lines)
+
+
+def fidelity_markdown(fidelity: dict, names: list[str], datasets: list[str]) -> list[str]:
+    """The fidelity-to-fp32 table (agreement of top-1, KL) for the settings whose rows record it."""
+    names = [n for n in names if n in fidelity]
+    if not names:
+        return []
+    lines = [
+        "",
+        "Fidelity to the fp32 model, where recorded: agreement = percent of images whose top-1 class is",
+        "the fp32 model's, KL = mean KL(fp32 || quantized) of the softmax outputs (nats); mean (min-max)",
+        "over the draws. Prediction changes between two quantized models fall mostly on images the fp32",
+        "model itself is unsure of (a near-tie of two classes), so they move top-1 by chance either way;",
+        "these columns separate settings that top-1 on these sets cannot.",
+        "",
+        "| bits |" + "".join(f" agreement {ds} | KL {ds} |" for ds in datasets),
+        "|---|" + "---|---|" * len(datasets),
+    ]
+    for name in names:
+        cells = f"| {name} |"
+        for ds in datasets:
+            f = fidelity[name].get(ds)
+            if f is None:
+                cells += " - | - |"
+                continue
+            a, k = f["agree"], f["kl"]
+            kl = f"{k['mean']:.4f}" if k["n"] == 1 else f"{k['mean']:.4f} ({k['min']:.4f}-{k['max']:.4f})"
+            cells += f" {_cell(a)} | {kl} |"
+        lines.append(cells)
+    return lines
 
 
 def other_pools_markdown(rows: list[dict], model_name: str, main_label: str) -> str:

@@ -213,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         data = open_dataset(args.eval, transform)
         fp = evaluate(model, data, batch_size=args.eval_batch_size, device=args.device, progress=progress)
-        q = evaluate(qmodel, data, batch_size=args.eval_batch_size, device=args.device, progress=progress)
+        q = evaluate(
+            qmodel, data, batch_size=args.eval_batch_size, device=args.device, progress=progress, reference=model
+        )
         result.update(
             eval=args.eval,
             n_eval=q["n"],
@@ -221,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
             fp_top5=fp["top5"],
             top1=q["top1"],
             top5=q["top5"],
+            fp_agree=q["agree"],  # percent of images whose top-1 is the fp model's
+            fp_kl=q["kl"],  # mean KL(fp || quantized), nats
         )
     spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
     try:

@@ -43,14 +43,25 @@ def evaluate(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    reference: nn.Module | None = None,
 ) -> dict:
     """{'top1', 'top5' (percent), 'n'} of `model` on `data`, in eval mode and inference mode.
 
     top5 is top-min(5, classes), so a 3-class toy gives 100% top-5 rather than an error.
+
+    With `reference` (the float model a quantized `model` came from) the dict also has its fidelity
+    to it: 'agree', the percent of images whose top-1 class is the reference's, and 'kl', the mean
+    KL(reference || model) of the softmax outputs in nats. Why: on a weak model many images sit on
+    a near-tie between two classes, and quantization noise flips their top-1 either way, so two
+    quantizers' top-1 can differ by chance where their fidelity does not.
     """
     loader = _as_loader(data, batch_size, num_workers)
     model.eval().to(device)
+    if reference is not None:
+        reference.eval().to(device)
     correct1 = correct5 = n = 0
+    agree = 0
+    kl_sum = 0.0
     with (
         torch.inference_mode(),
         tqdm(total=_total(loader), disable=not progress, desc="eval", unit="img") as bar,
@@ -64,8 +75,16 @@ def evaluate(
             hits = topk == labels[:, None]
             correct1 += int(hits[:, 0].sum())
             correct5 += int(hits.any(dim=-1).sum())
+            if reference is not None:
+                ref = reference(images)
+                agree += int((ref.argmax(-1) == topk[:, 0]).sum())
+                ref_logp, logp = ref.float().log_softmax(-1), logits.float().log_softmax(-1)
+                kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum())
             n += len(labels)
             bar.update(len(labels))
     if n == 0:
         raise QuantError("no images to evaluate on")
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+    out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+    if reference is not None:
+        out.update(agree=100.0 * agree / n, kl=kl_sum / n)
+    return out

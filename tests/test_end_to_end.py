@@ -76,6 +76,7 @@ def _quantize(pool: Path, out: Path, model: str, *extra: str) -> dict:
     assert main(argv) == 0
     result = json.loads((out / "result.json").read_text())
     assert (out / "quantized.pt").is_file()
+    assert 0.0 <= result["fp_agree"] <= 100.0 and result["fp_kl"] >= 0.0  # fidelity to the fp model
     return result
 
 

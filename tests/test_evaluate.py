@@ -56,6 +56,27 @@ def test_fewer_than_five_classes() -> None:
     assert r["top1"] == 0.0 and r["top5"] == 100.0
 
 
+class OddShift(Oracle):
+    """The oracle's logits, but one class off on images with an odd label: half wrong at top-1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        label = x[:, 0, 0, 0].long()
+        shifted = torch.where(label % 2 == 1, (label + 1) % self.classes, label)
+        return 3.0 * nn.functional.one_hot(shifted, self.classes).float()
+
+
+def test_fidelity_to_a_reference_model() -> None:
+    images, labels = _data()
+    same = evaluate(Oracle(), (images, labels), batch_size=8, progress=False, reference=Oracle())
+    assert same["agree"] == 100.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
+    r = evaluate(OddShift(), (images, labels), batch_size=8, progress=False, reference=Oracle())
+    assert r["top1"] == 50.0 and r["agree"] == 50.0  # disagrees exactly where it is wrong
+    p = Oracle()(images).log_softmax(-1)
+    q = OddShift()(images).log_softmax(-1)
+    assert r["kl"] == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
+    assert "agree" not in evaluate(OddShift(), (images, labels), progress=False)
+
+
 def test_bad_inputs() -> None:
     with pytest.raises(QuantError, match="no images"):
         evaluate(Oracle(), (torch.zeros(0, 3, 4, 4), torch.zeros(0, dtype=torch.long)), progress=False)

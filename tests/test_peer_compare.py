@@ -27,7 +27,8 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    assert _main(["--tiny", "--distill-cutmix", "0.5", "--results", str(tmp_path)]) == 0
+    argv = ["--tiny", "--distill-cutmix", "0.5", "--distill-ce-weight", "0", "--results", str(tmp_path)]
+    assert _main(argv) == 0
     litter = [p.name for p in scratch.iterdir() if p.name.startswith("dfq-")]
     assert litter == []  # the distilled pool and the random checkpoint are removed
 
@@ -37,6 +38,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
         assert not missing, missing
         assert row["model"] == "cifar_resnet20-random" and row["dataset"] == "random-64"
         assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
+        assert 0.0 <= row["fp_agree"] <= 100.0 and row["fp_kl"] >= 0.0  # fidelity to the fp32 model
     quantized = [r for r in rows if r["method"] != "fp32"]
     assert [(r["method"], r["wbits"], r["calib"], r["iters"]) for r in quantized] == [
         ("rtn", 4, "real", 0), ("genie-m", 4, "real", 3), ("genie-m", 4, "bn-distill", 2),
@@ -58,6 +60,9 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
     md = (tmp_path / "peer_compare.md").read_text()
     assert "Tiny CI form" in md and "| W2A4 genie-m real, layer-input | 2 |" in md
     assert "| W4A4 genie-m bn-distill, layer-input | 2 | 16 (x2 flip/shift, cutmix 0.5) |" in md
+    data_free = side["rows"][2]
+    assert data_free["distill_ce_weight"] == 0.0 and "BN statistics only" in md  # Genie-D's objective
+    assert "Fidelity to the fp32 model on the JPEG set" in md and data_free["ours_jpeg_agree"] >= 0.0
 
 
 @pytest.mark.slow
@@ -75,7 +80,13 @@ def test_data_free_seeds_each_distil_their_own_pool(ray_local, tmp_path, monkeyp
 
     # the images themselves: engine seed s gives another pool; `shared` gives every seed engine seed 0's
     args = argparse.Namespace(
-        tiny=True, pool=None, seeds=[0, 1], distill_pools="per-seed", distill_cutmix=0.5, **peer_compare.TINY
+        tiny=True,
+        pool=None,
+        seeds=[0, 1],
+        distill_pools="per-seed",
+        distill_cutmix=0.5,
+        distill_ce_weight=0.1,
+        **peer_compare.TINY,
     )
     setup = peer_compare.tiny_setup(args)
     own, _ = peer_compare.distilled_calibration(setup, args)
@@ -125,6 +136,7 @@ def test_rerunning_one_setting_keeps_the_others_in_the_table(tmp_path) -> None:
     "flag, bad",
     [("--distill-augment", "0")]
     + [("--distill-cutmix", bad) for bad in ("1", "-0.1", "x", "nan")]
+    + [("--distill-ce-weight", bad) for bad in ("-1", "inf")]
     + [("--seeds", bad) for bad in ("0,0", "-1", "1,x", "")],
 )
 def test_bad_value_is_a_one_line_usage_error(flag: str, bad: str, capsys) -> None:

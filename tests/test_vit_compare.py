@@ -86,6 +86,24 @@ def test_summary_over_draws_and_peer_columns():
     )
 
 
+def test_fidelity_table_only_for_rows_that_record_it():
+    base = dict(model="cifar10_vit", calib="real", method="repq-vit", n_calib=32, n_eval=1017, top5=99.0,
+                fp_top1=71.88, seconds=1.0, dataset=vit_compare.LOSSLESS, wbits=4, abits=4, top1=70.0,
+                weight_rounding="gptq", head_rotation="hadamard")  # fmt: skip
+    rows = [report.make_row(**base, iters=0, draw=k) for k in range(2)]  # measured before fidelity
+    assert "Fidelity to the fp32 model" not in vit_compare.compare_markdown(rows, "cifar10_vit")
+    rows += [
+        report.make_row(**base, iters=500, draw=k, fp_agree=a, fp_kl=kl)
+        for k, (a, kl) in enumerate([(92.0, 0.03), (94.0, 0.02)])
+    ]
+    s = vit_compare.summarise(rows, "cifar10_vit")
+    assert "W4A4" not in s["fidelity"]
+    assert s["fidelity"]["W4A4 +recon 500"][vit_compare.LOSSLESS]["agree"]["mean"] == 93.0
+    md = vit_compare.compare_markdown(rows, "cifar10_vit")
+    assert "| W4A4 +recon 500 | 93.00 (92.00-94.00) | 0.0250 (0.0200-0.0300) |" in md
+    assert "| W4A4 | " not in md.split("Fidelity to the fp32 model")[1].split("Notes:")[0]
+
+
 def test_data_free_rows_get_their_own_section_against_real():
     base = dict(model="cifar10_vit", method="repq-vit", n_calib=32, iters=0, n_eval=1017, top5=99.0,
                 fp_top1=71.88, seconds=1.0, dataset=vit_compare.LOSSLESS, wbits=4, abits=4,

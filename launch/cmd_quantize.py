@@ -214,7 +214,12 @@ def run(args: argparse.Namespace) -> int:
         data = open_dataset(args.eval, transform)
         fp = evaluate(model, data, batch_size=args.eval_batch_size, device=args.device, progress=progress)
         q = evaluate(
-            qmodel, data, batch_size=args.eval_batch_size, device=args.device, progress=progress, reference=model
+            qmodel,
+            data,
+            batch_size=args.eval_batch_size,
+            device=args.device,
+            progress=progress,
+            reference=model,
         )
         result.update(
             eval=args.eval,

@@ -38,8 +38,9 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
         assert not missing, missing
         assert row["model"] == "cifar_resnet20-random" and row["dataset"] == "random-64"
         assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
-        assert 0.0 <= row["fp_agree"] <= 100.0 and row["fp_kl"] >= 0.0  # fidelity to the fp32 model
     quantized = [r for r in rows if r["method"] != "fp32"]
+    for row in quantized:  # fidelity to the fp32 model, which is the reference and has none
+        assert 0.0 <= row["fp_agree"] <= 100.0 and row["fp_kl"] >= 0.0
     assert [(r["method"], r["wbits"], r["calib"], r["iters"]) for r in quantized] == [
         ("rtn", 4, "real", 0), ("genie-m", 4, "real", 3), ("genie-m", 4, "bn-distill", 2),
         ("rtn", 2, "real", 0), ("genie-m", 2, "real", 2),

@@ -301,12 +301,12 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
     return out
 
 
-def _cell(s: dict | None) -> str:
+def _cell(s: dict | None, digits: int = 2) -> str:
     if not s:
         return "-"
     if s["n"] == 1:
-        return f"{s['mean']:.2f}"
-    return f"{s['mean']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
 def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real") -> str:
@@ -433,13 +433,8 @@ def fidelity_markdown(fidelity: dict, names: list[str], datasets: list[str]) -> 
     for name in names:
         cells = f"| {name} |"
         for ds in datasets:
-            f = fidelity[name].get(ds)
-            if f is None:
-                cells += " - | - |"
-                continue
-            a, k = f["agree"], f["kl"]
-            kl = f"{k['mean']:.4f}" if k["n"] == 1 else f"{k['mean']:.4f} ({k['min']:.4f}-{k['max']:.4f})"
-            cells += f" {_cell(a)} | {kl} |"
+            f = fidelity[name].get(ds, {})
+            cells += f" {_cell(f.get('agree'))} | {_cell(f.get('kl'), 4)} |"
         lines.append(cells)
     return lines
 

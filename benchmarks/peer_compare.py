@@ -15,6 +15,11 @@ output A8, last linear W8A8), the same calibration draw (ASSETS.md) and the same
 
 plus round-to-nearest at W4A4 and W2A4. Rows go to accuracy.json; `peer_compare.md` puts them next
 to the PEERS.md figures (accuracy on the lossless slice and the JPEG set, wall time).
+
+`--iters N` runs every reconstruction setting at N iterations a block instead, e.g. 20,000, Genie's
+published default, which PEERS.md cut to fit its time: such rows sit beside the peer-budget ones in
+the table (one row per setting, placement and budget) and compare accuracy only, as the peer never
+ran that budget here.
 """
 
 from __future__ import annotations
@@ -76,6 +81,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--iters-scale", type=float, default=DEFAULTS["iters_scale"], help="scale every iteration budget"
+    )
+    p.add_argument(
+        "--iters",
+        type=positive_int,
+        default=None,
+        help="iterations a block for every reconstruction setting instead of the peer's budgets "
+        "(e.g. 20000, Genie's published default); overrides --iters-scale",
     )
     p.add_argument("--distill-iters", type=int, default=DEFAULTS["distill_iters"])
     p.add_argument("--distill-images", type=int, default=DEFAULTS["distill_images"])
@@ -212,12 +224,15 @@ def run(args: argparse.Namespace) -> int:
     side: list[dict] = []
     for i in chosen:
         method, wbits, calib_kind, iters = SETTINGS[i]
-        iters = max(1, int(round(iters * args.iters_scale))) if iters else 0
+        if iters:
+            iters = args.iters or max(1, int(round(iters * args.iters_scale)))
         if calib_kind == "real":
             calibs, extra = {seed: setup.real for seed in args.seeds}, {}
         else:
             calibs, extra = distilled_calibration(setup, args)
         peer = PEER[(method, wbits, calib_kind)]
+        peer_iters = SETTINGS[i][3]
+        comparable = args.iters is None or iters == peer_iters
         runs, fidelity = [], []
         for seed in args.seeds:
             config = QuantConfig(
@@ -262,7 +277,9 @@ def run(args: argparse.Namespace) -> int:
                 "ours_jpeg": round(float(jpeg.mean()), 2), "peer_jpeg": peer[1],
                 "ours_lossless_per_seed": lossless.tolist(), "ours_jpeg_per_seed": jpeg.tolist(),
                 "ours_seconds": round(float(secs.mean()), 1), "peer_seconds": peer[2],
-                "time_ratio": round(float(secs.mean()) / peer[2], 3),
+                # an --iters budget is not the peer's: accuracy only ('-' in the table)
+                "time_ratio": round(float(secs.mean()) / peer[2], 3) if comparable else None,
+                "peer_iters": peer_iters,
                 "s_per_iter_all_units": round(float(s_iters.mean()), 4),
                 "ours_jpeg_agree": round(float(agree.mean()), 2), "ours_jpeg_kl": round(float(kl.mean()), 5),
                 **extra,
@@ -352,10 +369,18 @@ def _merge_side(results: Path, side: list[dict], setup: Setup) -> list[dict]:
         if saved.get("model", setup.name) == setup.name:
             for row in saved.get("rows", []):
                 earlier.append({"device": saved.get("device"), "date": saved.get("date"), **row})
-    now = {(r["setting"], r.get("placement")) for r in side}
-    merged = [r for r in earlier if (r["setting"], r.get("placement")) not in now] + side
+    now = {_side_key(r) for r in side}
+    merged = [r for r in earlier if _side_key(r) not in now] + side
     order = [_label(m, w, c) for m, w, c, _ in SETTINGS]
-    return sorted(merged, key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
+    return sorted(
+        merged,
+        key=lambda r: (order.index(r["setting"]) if r["setting"] in order else len(order), r.get("iters", 0)),
+    )
+
+
+def _side_key(row: dict) -> tuple:
+    """What one side-by-side row measures: the setting, the activation placement and the budget."""
+    return row["setting"], row.get("placement"), row.get("iters")
 
 
 def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
@@ -386,8 +411,16 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
             f"| {len(r.get('seeds', [0]))} "
             f"| {_spread(r, 'lossless')} | {r['peer_lossless']:.2f} "
             f"| {_spread(r, 'jpeg')} | {r['peer_jpeg']:.2f} | {r['ours_seconds']:.0f} | {r['peer_seconds']} "
-            f"| {r['time_ratio']:.2f} |"
+            f"| {_ratio(r)} |"
         )
+    longer = sorted({r["iters"] for r in side if _ratio(r) == "-"})
+    if longer:
+        lines += [
+            "",
+            f"Rows at {', '.join(f'{n:,}' for n in longer)} iterations a block (`--iters`; 20,000 is Genie's published "
+            "default, which PEERS.md cut to fit its time) compare accuracy only: the Genie figures beside them "
+            "are its PEERS.md runs at the setting's own budget, so there is no time ratio.",
+        ]
     if any(len(r.get("seeds", [0])) > 1 for r in side):
         lines += [
             "",
@@ -441,6 +474,12 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
     (results / "peer_compare.json").write_text(
         json.dumps({"model": setup.name, "rows": side}, indent=1) + "\n"
     )
+
+
+def _ratio(row: dict) -> str:
+    """Our time over the peer's, where the row ran the peer's budget ('-' for `--iters` rows)."""
+    ratio = row.get("time_ratio")
+    return "-" if ratio is None else f"{ratio:.2f}"
 
 
 def _pool_range(row: dict) -> str:

@@ -133,6 +133,22 @@ def test_rerunning_one_setting_keeps_the_others_in_the_table(tmp_path) -> None:
     assert (tmp_path / "peer_compare.md").read_text().count("| W2A4 genie-m real, layer-input |") == 1
 
 
+def test_an_iters_budget_gets_its_own_row_without_a_time_ratio(tmp_path) -> None:
+    """`--iters N` (e.g. Genie's published 20,000) sits beside the peer-budget row, accuracy only."""
+    assert _main(["--tiny", "--settings", "4", "--results", str(tmp_path)]) == 0  # 2000 x 0.001 = 2
+    assert _main(["--tiny", "--settings", "4", "--iters", "3", "--results", str(tmp_path)]) == 0
+    side = json.loads((tmp_path / "peer_compare.json").read_text())["rows"]
+    assert [(r["setting"], r["iters"]) for r in side] == [("W2A4 genie-m real", 2), ("W2A4 genie-m real", 3)]
+    assert side[0]["time_ratio"] is not None and side[1]["time_ratio"] is None
+    assert side[1]["peer_iters"] == 2000
+    md = (tmp_path / "peer_compare.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| W2A4 genie-m real")]
+    assert len(lines) == 2 and lines[1].endswith("| - |") and not lines[0].endswith("| - |")
+    assert "Rows at 3 iterations a block" in md
+    rows = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {r["iters"] for r in rows if r["method"] == "genie-m"} == {2, 3}  # kept apart in accuracy.json too
+
+
 @pytest.mark.parametrize(
     "flag, bad",
     [("--distill-augment", "0")]

@@ -457,7 +457,8 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
             "Fidelity to the fp32 model on the JPEG set (ours, mean over seeds; rows measured before it was "
             "recorded have none): "
             + "; ".join(
-                f"{r['setting']}: top-1 agreement {r['ours_jpeg_agree']:.2f}%, KL {r['ours_jpeg_kl']:.4f}"
+                f"{r['setting']} at {r['iters']:,} iterations: top-1 agreement {r['ours_jpeg_agree']:.2f}%, "
+                f"KL {r['ours_jpeg_kl']:.4f}"
                 for r in fid
             )
             + ". Genie's run did not record it.",

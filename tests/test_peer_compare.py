@@ -64,6 +64,7 @@ def test_tiny_form_runs_every_setting(ray_local, tmp_path, monkeypatch) -> None:
     data_free = side["rows"][2]
     assert data_free["distill_ce_weight"] == 0.0 and "BN statistics only" in md  # Genie-D's objective
     assert "Fidelity to the fp32 model on the JPEG set" in md and data_free["ours_jpeg_agree"] >= 0.0
+    assert "W4A4 genie-m bn-distill at 2 iterations: top-1 agreement" in md  # the budget is named
 
 
 @pytest.mark.slow

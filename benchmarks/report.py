@@ -28,7 +28,8 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, the run
-    seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid and head rotation."""
+    seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid, head rotation
+    and calibration batch size."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
@@ -37,6 +38,7 @@ def row_key(row: dict) -> tuple:
         weight_rounding(row),
         input_grid(row),
         head_rotation(row),
+        calib_images(row),
     )
 
 
@@ -64,6 +66,14 @@ def head_rotation(row: dict) -> str | None:
     return row.get("head_rotation") or "none"
 
 
+def calib_images(row: dict) -> int | None:
+    """How many images a ViT row's RepQ-style calibration (grids and GPTQ) read: its draw size. Rows
+    with reconstruction read more (`n_calib`) for that; rows from before the field used 32."""
+    if row.get("method") != "repq-vit":
+        return None
+    return row.get("calib_images") or 32
+
+
 def placement(row: dict) -> str | None:
     """A CNN row's activation placement (rows written before the option existed are block-output)."""
     if row.get("method") in ("fp32", "repq-vit"):
@@ -75,11 +85,13 @@ def method_label(row: dict) -> str:
     """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
     cross-layer equalization as `+cle`, the ViT's head rotation as `+rot`, its GPTQ weight rounding
     as `+gptq`, its block reconstruction as `+genie-m` (as `dfq quantize` names it), its image
-    grid over the normalization's range as `(preprocess input)`, and a run seed other than 0."""
+    grid over the normalization's range as `(preprocess input)`, and a run seed other than 0. (A ViT
+    row's reconstruction reads `n_calib` images; the label says how many its grids were fitted on.)"""
     label = row["method"] + ("+cle" if row.get("equalize") else "")
     label += "+rot" if head_rotation(row) == "hadamard" else ""
     label += "+gptq" if weight_rounding(row) == "gptq" else ""
-    label += "+genie-m" if row["method"] == "repq-vit" and row.get("iters") else ""  # block reconstruction
+    if row["method"] == "repq-vit" and row.get("iters"):  # block reconstruction (more images than the grids)
+        label += f"+genie-m (grids on {calib_images(row)})"
     label += " (preprocess input)" if input_grid(row) == "preprocess" else ""
     label = f"{label} (layer-input)" if placement(row) == "layer-input" else label
     return f"{label} seed {row['seed']}" if row.get("seed") else label

@@ -2,10 +2,12 @@
 
 The real ViT of ASSETS.md (`cifar10_vit/best_vit_cifar10.pth`, loaded into timm's
 `VisionTransformer`) is quantized by our ViT path (`quant.vit.quantize_vit`, reached through
-`quant.ptq.quantize_model`) at each bit setting, calibrated on one batch of 32 real images as the peer
-was. Calibration from a single batch varies from batch to batch, so each setting runs on several
-batches ("draws"): draw k is images 32k .. 32k+31 of the ASSETS.md calibration draw, in drawn order
-(draw 0 is the peer's batch). Evaluation: the lossless 1,017 slice and the JPEG 7,959 set.
+`quant.ptq.quantize_model`) at each bit setting, calibrated on one batch of real images: 64 by
+default (`--draw-size`; our path's default), or 32 as the peer was. Calibration from a single batch
+varies from batch to batch, so each setting runs on several batches ("draws"): draw k is images
+S*k .. S*k+S-1 of the ASSETS.md calibration draw for draw size S, in drawn order (draw 0 of size 32
+is the peer's batch; of size 64 it holds the peer's batch and the next 32 images). Evaluation: the
+lossless 1,017 slice and the JPEG 7,959 set.
 
 Rows (one per bits x draw x evaluation set, plus fp32) go to accuracy.json with an extra `draw`
 field; `vit_compare.md` puts the mean (min-max) over draws next to the PEERS.md figures and
@@ -31,7 +33,9 @@ from benchmarks import accuracy, report
 MODEL = "cifar10_vit"
 METHOD = "repq-vit"  # DESIGN.md's method name for this path (RepQ-ViT-style calibration, no iterations)
 CHECKPOINT = "cifar10_vit/best_vit_cifar10.pth"
-DRAW_SIZE = 32
+#: the peer's calibration batch (RepQ-ViT: 32 images) and our default (`quant.vit.ViTQuantSettings`)
+PEER_DRAW_SIZE = 32
+DRAW_SIZE = 64
 LOSSLESS, JPEG = "cifar10-lossless-1017", "cifar10-jpeg-7959"
 BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4), "W3A3": (3, 3)}
 
@@ -52,8 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--results", default="benchmarks/results", help="where accuracy.json and vit_compare.* go")
     p.add_argument("--bits", default="W8A8,W6A6,W4A4,W3A3", help=f"comma list of {', '.join(BITS)}")
+    p.add_argument("--draws", type=int, default=5, help="calibration batches: the first N slices of the draw")
     p.add_argument(
-        "--draws", type=int, default=5, help="32-image calibration batches: the first N slices of the draw"
+        "--draw-size",
+        type=int,
+        default=DRAW_SIZE,
+        help=f"images per calibration batch (default {DRAW_SIZE}, our path's; {PEER_DRAW_SIZE}: the peer's)",
     )
     p.add_argument("--no-jpeg", action="store_true", help="skip the JPEG 7,959 set (lossless slice only)")
     p.add_argument("--device", default="cpu", help="torch device for calibration and evaluation")
@@ -61,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib",
         default="real",
-        help="real (the ASSETS.md draw) or <label>=<pool dir>, e.g. bn-distill=pool/ (draws of 32 from the pool)",
+        help="real (the ASSETS.md draw) or <label>=<pool dir>, e.g. bn-distill=pool/ (draws from the pool)",
     )
     p.add_argument(
         "--recon-iters", type=int, default=0, help="block reconstruction iterations per block (0: none)"
@@ -112,15 +120,17 @@ def _materialise(data, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(images), torch.cat([torch.as_tensor(lab) for lab in labels])
 
 
-def calibration_draws(assets: Path, transform, draws: int) -> list[torch.Tensor]:
-    """The first `draws` consecutive 32-image slices of the ASSETS.md calibration draw (drawn order)."""
+def calibration_draws(assets: Path, transform, draws: int, size: int = DRAW_SIZE) -> list[torch.Tensor]:
+    """The first `draws` consecutive `size`-image slices of the ASSETS.md calibration draw (drawn order)."""
     from benchmarks import splits
 
+    if size < 1 or draws < 1:
+        raise SystemExit(f"--draws {draws} / --draw-size {size}: both must be at least 1")
     ds = splits.cifar10_calibration(assets, transform)
-    if draws * DRAW_SIZE > len(ds):
-        raise SystemExit(f"--draws {draws}: the calibration draw holds {len(ds) // DRAW_SIZE} batches of 32")
-    images = torch.stack([ds[i][0] for i in range(draws * DRAW_SIZE)])
-    return [images[k * DRAW_SIZE : (k + 1) * DRAW_SIZE] for k in range(draws)]
+    if draws * size > len(ds):
+        raise SystemExit(f"--draws {draws} x --draw-size {size}: the calibration draw holds {len(ds)} images")
+    images = torch.stack([ds[i][0] for i in range(draws * size)])
+    return [images[k * size : (k + 1) * size] for k in range(draws)]
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -164,6 +174,8 @@ def run_settings(
                 "input_grid": "calibrated" if input_range is None else "preprocess",
                 "head_rotation": head_rotation,
             }
+            size = int(calib.shape[0])
+            extra["calib_images"] = size
             if recon_iters:
                 calib = _draw_first(calib, pool, k)
             seconds, scores, qmodel = _quantize_and_evaluate(
@@ -172,6 +184,7 @@ def run_settings(
                 config,
                 recon_iters,
                 evals,
+                calib_size=size,
                 gptq=weight_rounding == "gptq",
                 input_range=input_range,
                 rotate_heads=head_rotation == "hadamard",
@@ -193,10 +206,12 @@ def run_settings(
 
 
 def _draw_first(draw: torch.Tensor, pool: torch.Tensor | None, k: int) -> torch.Tensor:
-    """The reconstruction set: draw k (the pool's images 32k..32k+31), then the pool's other images."""
+    """The reconstruction set: draw k (the pool's images S*k..S*k+S-1 for draws of S), then the pool's
+    other images."""
     if pool is None:
         return draw
-    lo, hi = k * DRAW_SIZE, (k + 1) * DRAW_SIZE
+    size = int(draw.shape[0])
+    lo, hi = k * size, (k + 1) * size
     if not torch.equal(pool[lo:hi], draw):
         raise ValueError(f"draw {k} is not images {lo}..{hi - 1} of the reconstruction pool")
     return torch.cat([pool[lo:hi], pool[:lo], pool[hi:]])
@@ -208,11 +223,12 @@ def _quantize_and_evaluate(
     config,
     iters: int,
     evals: dict,
+    calib_size: int = DRAW_SIZE,
     gptq: bool = True,
     input_range: tuple[float, float] | None = None,
     rotate_heads: bool = True,
 ) -> tuple:
-    """RepQ-ViT calibration on calib[:32] (heads rotated first if `rotate_heads`, GPTQ rounding if
+    """RepQ-ViT calibration on calib[:calib_size] (heads rotated first if `rotate_heads`, GPTQ rounding if
     `gptq`), then `iters` reconstruction iterations a block on all of calib (starting from GPTQ's
     rounding if `gptq`)."""
     import time
@@ -223,7 +239,7 @@ def _quantize_and_evaluate(
 
     settings = SimpleNamespace(
         wbits=config.wbits, abits=config.abits, seed=config.seed, device=config.device,
-        calib_size=DRAW_SIZE, recon_iters=iters, recon_images=int(calib.shape[0]), gptq=gptq,
+        calib_size=calib_size, recon_iters=iters, recon_images=int(calib.shape[0]), gptq=gptq,
         input_range=input_range, rotate_heads=rotate_heads,
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -260,6 +276,8 @@ def summarise(rows: list[dict], model_name: str, calib_label: str = "real") -> d
             top1.setdefault("fp32", {}).setdefault(r["dataset"], []).append((0, r["top1"]))
         elif r["method"] == METHOD and r["calib"] == calib_label and r.get("draw") is not None:
             name = _bits_name(r) + (f" +recon {r['iters']}" if r.get("iters") else "")
+            if report.calib_images(r) != DRAW_SIZE:
+                name += f" {report.calib_images(r)}-image"
             if report.weight_rounding(r) == "nearest":
                 name += " nearest"
             if report.head_rotation(r) == "none":
@@ -328,11 +346,14 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "Ours: `quant.vit.quantize_vit` (per-head Hadamard rotation of q and k folded into the qkv weights,",
         "per-channel weights, per-channel post-LayerNorm activations folded into the LayerNorm and next",
         "Linear, log post-softmax grid, patch-embedding weights and input and head weights at 8 bits, GPTQ",
-        "weight rounding), calibrated on one batch of 32 real images, no iterations; `nearest` rows round",
-        "weights to nearest as RepQ-ViT does, `unrotated` rows keep the weights as given. Each setting runs on several",
-        "batches: draw k is images 32k..32k+31 of the ASSETS.md calibration draw (draw 0 is the peer's",
-        "batch). Cells: mean (min-max) of top-1 over the draws; the peer's figure is its single run on",
-        "draw 0. Calibration seconds: ours mean (min-max) over draws against the peer's.",
+        f"weight rounding), calibrated on one batch of {DRAW_SIZE} real images (our default), no iterations;",
+        f"`{PEER_DRAW_SIZE}-image` rows on batches of {PEER_DRAW_SIZE} as the peer was; `nearest` rows round weights to",
+        "nearest as RepQ-ViT does, `unrotated` rows keep the weights as given. Each setting runs on several",
+        "batches: draw k is images S*k..S*k+S-1 of the ASSETS.md calibration draw for batches of S (draw 0",
+        f"of {PEER_DRAW_SIZE} is the peer's batch; draw 0 of {DRAW_SIZE} holds it and the next {DRAW_SIZE - PEER_DRAW_SIZE}). "
+        "Cells: mean (min-max)",
+        "of top-1 over the draws; the peer's figure is its single run on draw 0. Calibration seconds: ours",
+        "mean (min-max) over draws against the peer's.",
         "",
         f"Machine: {', '.join(devices) or '-'}; date: {', '.join(dates) or '-'}.",
         "",
@@ -364,13 +385,13 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         lines.append(cells)
     lines += [
         "",
-        "Draw 0 only (the peer's batch, so the same 32 calibration images on both sides):",
+        f"Draw 0 only, {PEER_DRAW_SIZE}-image rows (the peer's batch, so the same calibration images on both sides):",
         "",
         "| bits |" + "".join(f" ours {ds} | RepQ-ViT {ds} |" for ds in datasets),
         "|---|" + "---|---|" * len(datasets),
     ]
     for name in names:
-        if name == "fp32":
+        if name == "fp32" or f" {PEER_DRAW_SIZE}-image" not in name:
             continue
         peer = PEER.get(name.split(" ")[0])
         cells = f"| {name} |"
@@ -387,14 +408,14 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "",
         "- RepQ-ViT did not measure W3A3 on this ViT (PEERS.md), so that row has no peer figure.",
         "- Plain bits rows: q and k rotated per head (`quant.vit.rotate`, the default) and GPTQ weight rounding",
-        "  (`quant.vit.gptq`, the default) on the same 32 images and grids; `nearest` rows: round-to-nearest",
+        "  (`quant.vit.gptq`, the default) on the same images and grids; `nearest` rows: round-to-nearest",
         "  weights (RepQ-ViT's rounding); `unrotated` rows: without the rotation (rows measured before it).",
         f"- PEERS.md: RepQ-ViT's W4A4 on four other 32-image batches gave {lo_l:.2f}-{hi_l:.2f} on the",
         f"  lossless slice and {lo_j:.2f}-{hi_j:.2f} on the JPEG set; its single draw-0 figure is one",
         "  sample of that spread, so compare our mean and range with it, not one draw.",
         *(
             [
-                "- `+recon N` rows: the same RepQ-ViT calibration on the draw's 32 images, then block reconstruction",
+                "- `+recon N` rows: the same RepQ-ViT calibration on the draw's images, then block reconstruction",
                 "  (`quant.vit.reconstruct`: AdaRound + learned weight and activation steps + QDrop's input mix,",
                 "  N iterations per block, batch 32) on 1,024 images of the calibration draw with draw k's first;",
                 "  their seconds include the reconstruction. AdaRound starts from GPTQ's rounding (its compensated",
@@ -407,7 +428,7 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "  distill from the ViT itself; `--calib bn-distill=<pool>` calibrates on a pool distilled from another",
         "  CIFAR-10 model (the ResNet-20) instead: see 'Other calibration sources' below when present.",
         "- Calibration seconds are the wall time of our calibration (copy, convert, one forward pass over",
-        "  the 32 images, re-parameterization, GPTQ where used) on the machine above; the peer's ~7 s are",
+        "  the draw's images, re-parameterization, GPTQ where used) on the machine above; the peer's ~7 s are",
         "  from PEERS.md.",
         "",
     ]
@@ -450,7 +471,7 @@ def other_pools_markdown(rows: list[dict], model_name: str, main_label: str) -> 
     lines = [
         "## Other calibration sources",
         "",
-        "Same path and draws of 32 images, taken from the pool (draw k = its images 32k..32k+31);",
+        "Same path and draw sizes, taken from the pool (draw k of size S = its images S*k..S*k+S-1);",
         f"Δ is against the {main_label}-image mean of the same setting.",
         "Rows from a pool take the patch-embedding input grid over the range the model's normalization",
         "allows (`quant.data.input_range`); `calibrated-input` rows fit it to the pool's images instead, as",
@@ -529,10 +550,15 @@ def run(args: argparse.Namespace) -> int:
     }
     label = "real"
     if args.calib == "real":
-        draws = calibration_draws(assets, transform, args.draws)
+        draws = calibration_draws(assets, transform, args.draws, args.draw_size)
         pool = None
         if args.recon_iters:
-            pool = torch.cat(calibration_draws(assets, transform, args.recon_images // DRAW_SIZE))
+            if not args.draws * args.draw_size <= args.recon_images <= 1024:
+                raise SystemExit(
+                    f"--recon-images {args.recon_images}: the reconstruction reads the draws' "
+                    f"{args.draws * args.draw_size} images and more, up to the calibration draw's 1,024"
+                )
+            pool = torch.cat(calibration_draws(assets, transform, 1, args.recon_images))
     else:
         from quant.data import load_calibration
 
@@ -541,9 +567,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"--calib {args.calib!r}: use real or <{'|'.join(report.CALIB_SOURCES)}>=<pool dir>"
             )
-        n = max(args.draws * DRAW_SIZE, args.recon_images if args.recon_iters else 0)
+        n = max(args.draws * args.draw_size, args.recon_images if args.recon_iters else 0)
         pool = load_calibration(source, transform, n)
-        draws = [pool[k * DRAW_SIZE : (k + 1) * DRAW_SIZE] for k in range(args.draws)]
+        draws = [pool[k * args.draw_size : (k + 1) * args.draw_size] for k in range(args.draws)]
     results = Path(args.results)
     grid = input_grid_for(args.input_grid, real_images=label == "real")
     run_settings(
@@ -556,7 +582,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_tiny(args: argparse.Namespace) -> int:
-    """CI form: random small timm ViT, random tensors (calib "noise"), W4A4, one draw; rows into a temp dir."""
+    """CI form: random small timm ViT, random tensors (calib "noise"), W4A4, one draw of `--draw-size`
+    (reconstruction on all 96 tensors); rows into a temp dir."""
     from timm.models.vision_transformer import VisionTransformer
 
     from quant.data import input_grid_for
@@ -568,8 +595,8 @@ def _run_tiny(args: argparse.Namespace) -> int:
     model = VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2, num_classes=10
     ).eval()
-    images, labels = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-    evals = {"random-64": (images, labels)}
+    images, labels = torch.randn(96, 3, 32, 32), torch.randint(0, 10, (96,))
+    evals = {"random-64": (images[:64], labels[:64])}
     out = (
         Path(args.results)
         if args.results != "benchmarks/results"
@@ -579,7 +606,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
         f"{MODEL}-random",
         model,
         evals,
-        [images[:DRAW_SIZE]],
+        [images[: args.draw_size]],
         ["W4A4"],
         out,
         progress=False,

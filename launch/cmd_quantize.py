@@ -78,6 +78,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="transformers: block reconstruction iterations on top of RepQ-ViT calibration (default 0: none)",
     )
     p.add_argument(
+        "--vit-calib-size",
+        type=positive_int,
+        default=64,
+        help="transformers: images (the first of --n-calib) the RepQ-ViT calibration reads (default 64; "
+        "RepQ-ViT used 32)",
+    )
+    p.add_argument(
         "--input-grid",
         choices=["auto", "calibrated", "preprocess"],
         default="auto",
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         placement=args.placement,
         equalize=args.equalize,
         vit_recon_iters=args.vit_recon_iters,
+        vit_calib_size=args.vit_calib_size,
         seed=args.seed,
         device=args.device,
     )
@@ -205,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         "placement": None if vit else args.placement,
         "equalize": None if vit else args.equalize,
         "input_grid": input_grid if vit else None,
+        "calib_images": min(n_calib * args.augment, args.vit_calib_size) if vit else None,
         "iters": iters,
         "seconds": round(seconds, 2),
         "device": args.device,

@@ -57,6 +57,9 @@ class QuantConfig:
     #: calibration (0: calibration alone, RepQ-ViT's recipe). Separate from `iters`, whose default is
     #: the CNN recipe's 20k.
     vit_recon_iters: int = 0
+    #: Transformers only: images the RepQ-ViT calibration (activation grids, GPTQ) reads, the first
+    #: of the calibration set (64; RepQ-ViT used 32: see `quant.vit.ViTQuantSettings.calib_size`).
+    vit_calib_size: int = 64
     #: Cross-layer equalization of conv pairs after BN folding (`quant.equalize`). Off by default:
     #: on MobileNetV1 x0.25 it lifted W8A8 by 3.4-3.8 points but cut its W4A4 genie-m result
     #: (14.7 -> 6.6); the ResNet rows are measured without it.
@@ -85,15 +88,16 @@ class QuantConfig:
             raise QuantError(f"equalize must be true or false, got {self.equalize!r}")
         if self.placement not in PLACEMENTS:
             raise QuantError(f"unknown placement {self.placement!r}: use {' or '.join(PLACEMENTS)}")
-        for name in ("iters", "batch_size", "seed", "vit_recon_iters"):
+        for name in ("iters", "batch_size", "seed", "vit_recon_iters", "vit_calib_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise QuantError(f"{name} must be an integer, got {v!r}")
         for name in ("iters", "vit_recon_iters"):
             if getattr(self, name) < 0:
                 raise QuantError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.batch_size < 1:
-            raise QuantError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("batch_size", "vit_calib_size"):
+            if getattr(self, name) < 1:
+                raise QuantError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (0.0 <= self.drop_prob < 1.0):
             raise QuantError(f"drop_prob must be in [0, 1), got {self.drop_prob}")
         for name in ("round_weight", "lr_alpha", "lr_act", "lr_wscale"):
@@ -211,9 +215,12 @@ def quantize_model(
     if not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] == 0:
         raise QuantError("calibration data must be a non-empty tensor of images (N, C, H, W)")
     vit_quantize = _transformer_quantizer(model)
-    if vit_quantize is not None:  # RepQ-ViT calibration on the first 32 images; reconstruction on all
+    if vit_quantize is not None:  # RepQ-ViT calibration on the first vit_calib_size; reconstruction on all
         vit_config = SimpleNamespace(
-            **asdict(config), recon_iters=config.vit_recon_iters, recon_images=int(calib.shape[0])
+            **asdict(config),
+            calib_size=config.vit_calib_size,
+            recon_iters=config.vit_recon_iters,
+            recon_images=int(calib.shape[0]),
         )
         return vit_quantize(model, calib, vit_config)
 

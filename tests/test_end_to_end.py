@@ -98,7 +98,15 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
     _check_pool(pool, "diffusion")
 
     cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4")
-    vit = _quantize(pool, tmp_path / "vit", "tests.test_end_to_end:tiny_vit", "--vit-recon-iters", "2")
+    vit = _quantize(
+        pool,
+        tmp_path / "vit",
+        "tests.test_end_to_end:tiny_vit",
+        "--vit-recon-iters",
+        "2",
+        "--vit-calib-size",
+        "8",
+    )
     for result in (cnn, vit):
         assert result["n_calib"] == 16 and result["n_eval"] == 16 and result["calib"] == str(pool)
         assert 0.0 <= result["top1"] <= 100.0 and 0.0 <= result["fp_top1"] <= 100.0
@@ -106,6 +114,7 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
     assert vit["iters"] == 2 and vit["method"] == "repq-vit+rot+genie-m" and vit["placement"] is None
     # a pool may not span the input range: the ViT's image grid then comes from the normalization
     assert vit["input_grid"] == "preprocess" and cnn["input_grid"] is None
+    assert vit["calib_images"] == 8 and cnn["calib_images"] is None  # grids on 8, reconstruction on 16
 
 
 @pytest.mark.slow

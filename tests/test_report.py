@@ -59,7 +59,16 @@ def test_vit_weight_rounding_rows_are_their_own_measurement(tmp_path) -> None:
     assert report.row_key(pre) != report.row_key(gptq) and report.input_grid(_row(**vit)) == "calibrated"
     assert report.input_grid(_row(method="genie-m")) is None
     assert report.method_label(pre) == "repq-vit+gptq (preprocess input)"
-    assert report.method_label(_row(**vit, iters=500, weight_rounding="gptq")) == "repq-vit+gptq+genie-m"
+    assert (
+        report.method_label(_row(**vit, iters=500, weight_rounding="gptq"))
+        == "repq-vit+gptq+genie-m (grids on 32)"
+    )
+    # and the calibration batch: rows from before the field read 32 images; a 64-image row is apart
+    wide = _row(**vit, weight_rounding="gptq", calib_images=64, top1=54.0)
+    assert report.calib_images(gptq) == 32 and report.calib_images(wide) == 64
+    assert (
+        report.row_key(wide) != report.row_key(gptq) and report.calib_images(_row(method="genie-m")) is None
+    )
     # and the head rotation: rows from before it had none
     rot = _row(**vit, weight_rounding="gptq", head_rotation="hadamard", top1=53.0)
     assert report.row_key(rot) != report.row_key(gptq) and report.head_rotation(gptq) == "none"

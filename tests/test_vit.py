@@ -203,6 +203,22 @@ def test_calib_size_limits_the_batch(data) -> None:
     torch.testing.assert_close(a.state_dict(), b.state_dict())
 
 
+def test_quant_config_passes_its_calibration_size(data) -> None:
+    """`QuantConfig.vit_calib_size` (`dfq quantize --vit-calib-size`) is the ViT path's `calib_size`;
+    a size below 1 is refused by name."""
+    from quant.errors import QuantError
+    from quant.ptq import QuantConfig, quantize_model
+
+    calib = data[0]
+    ours = quantize_model(_make("vit"), calib, QuantConfig(wbits=8, abits=8, vit_calib_size=8))
+    direct = quantize_vit(_make("vit"), calib, SimpleNamespace(wbits=8, abits=8, calib_size=8))
+    torch.testing.assert_close(ours.state_dict(), direct.state_dict())
+    wide = quantize_model(_make("vit"), calib, QuantConfig(wbits=8, abits=8, vit_calib_size=len(calib)))
+    assert any(not torch.equal(v, wide.state_dict()[k]) for k, v in ours.state_dict().items())
+    with pytest.raises(QuantError, match="vit_calib_size must be >= 1, got 0"):
+        QuantConfig(wbits=8, abits=8, vit_calib_size=0)
+
+
 # -- the pieces --------------------------------------------------------------------------------
 
 

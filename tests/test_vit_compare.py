@@ -28,7 +28,8 @@ def test_tiny_form_writes_rows_and_side_by_side(tmp_path):
     fp = next(r for r in rows if r["method"] == "fp32")
     q = next(r for r in rows if r["method"] == "repq-vit")
     assert (fp["wbits"], fp["abits"], fp["n_calib"]) == (32, 32, 0)
-    assert (q["wbits"], q["abits"], q["n_calib"], q["iters"], q["draw"]) == (4, 4, 32, 0, 0)
+    assert (q["wbits"], q["abits"], q["n_calib"], q["iters"], q["draw"]) == (4, 4, 64, 0, 0)
+    assert q["calib_images"] == vit_compare.DRAW_SIZE == 64
     assert q["weight_rounding"] == "gptq" and q["head_rotation"] == "hadamard"
     assert q["fp_top1"] == fp["top1"] and q["seconds"] >= 0
 
@@ -48,14 +49,40 @@ def test_tiny_form_with_block_reconstruction(tmp_path):
         torch.set_num_threads(threads)
     rows = json.loads((tmp_path / "accuracy.json").read_text())
     q = next(r for r in rows if r["method"] == "repq-vit")
-    assert (q["iters"], q["n_calib"], q["draw"]) == (3, 64, 0)  # 32-image init + the 64-image pool
+    assert (q["iters"], q["n_calib"], q["draw"], q["calib_images"]) == (
+        3,
+        96,
+        0,
+        64,
+    )  # 64-image grids, 96 recon
     md = (tmp_path / "vit_compare.md").read_text()
     assert "| W4A4 +recon 3 |" in md and "`+recon N` rows" in md
 
 
+def test_peer_draw_size_rows_are_named_apart(tmp_path):
+    """`--draw-size 32` (the peer's batch) writes rows of their own, shown in the draw-0 table; the
+    default (64) rows keep the plain name and stay out of that table."""
+    threads = torch.get_num_threads()
+    try:
+        for size in ("32", "64"):
+            args = ["--tiny", "--threads", "1", "--draw-size", size, "--results", str(tmp_path)]
+            assert vit_compare.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "accuracy.json").read_text())
+    assert sorted((r["n_calib"], r["calib_images"]) for r in rows if r["method"] == "repq-vit") == [
+        (32, 32),
+        (64, 64),
+    ]
+    md = (tmp_path / "vit_compare.md").read_text()
+    table, draw0 = md.split("Draw 0 only")[0], md.split("Draw 0 only")[1].split("Fidelity")[0]
+    assert "| W4A4 | 0 |" in table and "| W4A4 32-image | 0 |" in table
+    assert "| W4A4 32-image |" in draw0 and "| W4A4 |" not in draw0
+
+
 def test_summary_over_draws_and_peer_columns():
-    base = dict(model="cifar10_vit", calib="real", method="repq-vit", n_calib=32, iters=0, n_eval=1017,
-                weight_rounding="gptq", head_rotation="hadamard")  # fmt: skip
+    base = dict(model="cifar10_vit", calib="real", method="repq-vit", n_calib=64, iters=0, n_eval=1017,
+                weight_rounding="gptq", head_rotation="hadamard", calib_images=64)  # fmt: skip
     rows = [
         report.make_row(**base, dataset=vit_compare.LOSSLESS, wbits=4, abits=4, top1=t, top5=99.0,
                         fp_top1=71.88, seconds=s, draw=k)
@@ -69,7 +96,14 @@ def test_summary_over_draws_and_peer_columns():
     assert s["seconds"]["W4A4"]["mean"] == 2.0
     md = vit_compare.compare_markdown(rows, "cifar10_vit")
     assert "70.00 (69.00-71.00) | 69.71 | +0.29" in md
-    assert "| W4A4 | 69.00 | 69.71 |" in md  # the draw-0 table
+    # rows from before the draw size was recorded calibrated on 32 images: their own line, and the
+    # draw-0 table (the peer's very batch) shows only such rows
+    peer_size = [{k: v for k, v in r.items() if k != "calib_images"} | {"n_calib": 32} for r in rows]
+    assert report.row_key(peer_size[0]) != report.row_key(rows[0])
+    md = vit_compare.compare_markdown(rows + peer_size, "cifar10_vit")
+    assert "| W4A4 32-image | 0,1,2 | 70.00 (69.00-71.00) | 69.71 | +0.29 |" in md
+    assert "| W4A4 32-image | 69.00 | 69.71 |" in md.split("Draw 0 only")[1]
+    assert "| W4A4 | 69.00" not in md.split("Draw 0 only")[1]
     # rows from before the head rotation had none: their own line, same peer
     plain = [{k: v for k, v in r.items() if k != "head_rotation"} for r in rows]
     assert "| W4A4 unrotated | 0,1,2 | 70.00 (69.00-71.00) | 69.71 |" in vit_compare.compare_markdown(
@@ -87,9 +121,9 @@ def test_summary_over_draws_and_peer_columns():
 
 
 def test_fidelity_table_only_for_rows_that_record_it():
-    base = dict(model="cifar10_vit", calib="real", method="repq-vit", n_calib=32, n_eval=1017, top5=99.0,
+    base = dict(model="cifar10_vit", calib="real", method="repq-vit", n_calib=64, n_eval=1017, top5=99.0,
                 fp_top1=71.88, seconds=1.0, dataset=vit_compare.LOSSLESS, wbits=4, abits=4, top1=70.0,
-                weight_rounding="gptq", head_rotation="hadamard")  # fmt: skip
+                weight_rounding="gptq", head_rotation="hadamard", calib_images=64)  # fmt: skip
     rows = [report.make_row(**base, iters=0, draw=k) for k in range(2)]  # measured before fidelity
     assert "Fidelity to the fp32 model" not in vit_compare.compare_markdown(rows, "cifar10_vit")
     rows += [
@@ -105,9 +139,9 @@ def test_fidelity_table_only_for_rows_that_record_it():
 
 
 def test_data_free_rows_get_their_own_section_against_real():
-    base = dict(model="cifar10_vit", method="repq-vit", n_calib=32, iters=0, n_eval=1017, top5=99.0,
+    base = dict(model="cifar10_vit", method="repq-vit", n_calib=64, iters=0, n_eval=1017, top5=99.0,
                 fp_top1=71.88, seconds=1.0, dataset=vit_compare.LOSSLESS, wbits=4, abits=4,
-                weight_rounding="gptq", head_rotation="hadamard")  # fmt: skip
+                weight_rounding="gptq", head_rotation="hadamard", calib_images=64)  # fmt: skip
     rows = [report.make_row(**base, calib="real", top1=70.0, draw=k) for k in range(2)]
     rows += [
         report.make_row(**base, calib="bn-distill", top1=t, draw=k, input_grid="preprocess")

@@ -8,8 +8,9 @@ chose, after re-parameterization); only which grid point each weight takes chang
 
 Why here: on the CIFAR-10 ViT, weights alone at 4 bits (nearest rounding) cost 0.8 points and the
 4x128 dims make H tiny, so GPTQ costs a fraction of a second per layer and calibrates from the same
-32 images. Layers are done in execution order, each on inputs from the already-rounded layers before
-it (its input quantizer applied), so later layers also absorb earlier layers' errors.
+images (`calib_size`, 64). Layers are done in execution order, each on inputs from the
+already-rounded layers before it (its input quantizer applied), so later layers also absorb earlier
+layers' errors.
 
 The result is stored as a hard `AdaRoundQuantizer` on the layer (`layer.ada`, `soft=False`): the
 float weight stays as it was (float mode and reconstruction targets are unchanged), and export

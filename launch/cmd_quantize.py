@@ -72,6 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--iters", type=nonnegative_int, default=20000, help="CNN reconstruction iterations per block"
     )
     p.add_argument(
+        "--gptq-start",
+        action="store_true",
+        help="CNNs: learned rounding starts from GPTQ's compensated weights instead of each layer's own",
+    )
+    p.add_argument(
         "--vit-recon-iters",
         type=nonnegative_int,
         default=0,
@@ -156,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         first_last_bits=args.first_last_bits,
         placement=args.placement,
         equalize=args.equalize,
+        gptq_start=args.gptq_start,
         vit_recon_iters=args.vit_recon_iters,
         vit_calib_size=args.vit_calib_size,
         seed=args.seed,
@@ -212,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         "method": method,
         "placement": None if vit else args.placement,
         "equalize": None if vit else args.equalize,
+        "gptq_start": None if vit else args.gptq_start,
         "input_grid": input_grid if vit else None,
         "calib_images": min(n_calib * args.augment, args.vit_calib_size) if vit else None,
         "iters": iters,

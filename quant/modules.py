@@ -277,12 +277,21 @@ class _WeightQuant:
         if self.wq.enabled and not bool(self.wq.initialized):
             self.wq.calibrate(self.weight)
 
-    def start_adaround(self, learn_scale: bool) -> AdaRoundQuantizer | None:
-        """Attach learned rounding (from the current grid); returns it, or None for float weights."""
+    def start_adaround(
+        self, learn_scale: bool, start: torch.Tensor | None = None
+    ) -> AdaRoundQuantizer | None:
+        """Attach learned rounding (from the current grid); returns it, or None for float weights.
+
+        `start` (the weight's shape, e.g. GPTQ's compensated weight: `quant.gptq`) sets where the
+        rounding starts, h(alpha) = its fractional part on the grid; the float weight, and so the
+        reconstruction target, stays the layer's own."""
         if not self.wq.enabled:
             return None
         self.calibrate_weight()
-        self.ada = AdaRoundQuantizer(self.wq, self.weight.detach(), learn_scale=learn_scale)
+        start = self.weight.detach() if start is None else start.detach()
+        if start.shape != self.weight.shape:
+            raise ValueError(f"start weight shape {tuple(start.shape)} != {tuple(self.weight.shape)}")
+        self.ada = AdaRoundQuantizer(self.wq, start, learn_scale=learn_scale)
         return self.ada
 
     def quantized_weight(self) -> torch.Tensor:

@@ -120,15 +120,22 @@ def reconstruct_unit(
     generator: torch.Generator,
     progress: bool = False,
     desc: str = "",
+    start_weights: dict[nn.Module, torch.Tensor] | None = None,
 ) -> ReconResult:
     """Reconstruct `unit` (its quantizers already calibrated and switched on) in place.
 
-    `x_q`: the unit's inputs from the quantized prefix; `x_fp`/`y_fp`: its float inputs and outputs.
-    On return the weight rounding is hard (`alpha >= 0`) and dropping is off.
+    `x_q`: the unit's inputs from the quantized prefix; `x_fp`/`y_fp`: its float inputs and outputs;
+    `start_weights` ({layer: weight}, `quant.gptq.unit_start_weights`): where those layers' rounding
+    starts. On return the weight rounding is hard (`alpha >= 0`) and dropping is off.
     """
     s = settings
+    starts = start_weights or {}
     layers = weight_layers(unit)
-    roundings = [ada for layer in layers if (ada := layer.start_adaround(s.learn_wscale)) is not None]
+    roundings = [
+        ada
+        for layer in layers
+        if (ada := layer.start_adaround(s.learn_wscale, starts.get(layer))) is not None
+    ]
     acts = [q for q in act_quantizers(unit) if q.enabled and q.quant.enabled]
     masks = MaskPool(s.drop_prob, generator, x_q.device) if s.drop_prob > 0.0 else None
     for q in acts:

@@ -97,7 +97,7 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
     _generate(pool, "--preset", "tiny")
     _check_pool(pool, "diffusion")
 
-    cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4")
+    cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4", "--gptq-start")
     vit = _quantize(
         pool,
         tmp_path / "vit",
@@ -115,6 +115,7 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
     # a pool may not span the input range: the ViT's image grid then comes from the normalization
     assert vit["input_grid"] == "preprocess" and cnn["input_grid"] is None
     assert vit["calib_images"] == 8 and cnn["calib_images"] is None  # grids on 8, reconstruction on 16
+    assert cnn["gptq_start"] is True and vit["gptq_start"] is None
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """GPTQ weight rounding for the ViT path (Frantar et al., ICLR 2023), on the calibrated grids.
 
+The column-by-column rounding itself is shared with the CNN path (`quant.gptq`).
+
 Round-to-nearest rounds every weight on its own. GPTQ rounds the input columns of a Linear one at a
 time and, after each, moves the not-yet-rounded columns to cancel that column's rounding error on
 the layer's calibration inputs X: it minimises ||(W - Q) X^T||^2 greedily, using the inverse of
@@ -32,59 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quantizers import AdaRoundQuantizer, fake_quant
+from ..gptq import gptq_quantize_weight
+from ..quantizers import AdaRoundQuantizer
 from .layers import QuantLinear
-
-#: dampening added to H's diagonal, as a fraction of its mean (GPTQ's default)
-DAMP = 0.01
-#: columns rounded between two updates of the rest of the weight (GPTQ's lazy batch)
-BLOCK = 128
-
-
-@torch.no_grad()
-def gptq_quantize_weight(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    damp: float = DAMP,
-    block: int = BLOCK,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`weight` [out, in] rounded onto the per-row grid (scale, zero_point) [out] by GPTQ.
-
-    `hessian` = sum over calibration inputs of x x^T [in, in]. Columns go in their natural order:
-    GPTQ's act-order (largest inputs first) measured no better here (W4A4, 3 draws: JPEG 68.93 vs
-    68.91, slice 70.37 vs 70.70). Returns the fake-quantized weight (values on the grid) and the
-    compensated weight (each column as it stood when rounded; its nearest rounding is the first),
-    both in `weight`'s dtype.
-    """
-    w = weight.detach().double().clone()
-    h = hessian.double().clone()
-    scale, zero_point = scale.double().reshape(-1, 1), zero_point.double().reshape(-1, 1)
-    dead = torch.diag(h) == 0  # inputs that never fire: any value is exact, keep them out of H
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(damp * torch.diag(h).mean())
-    # upper Cholesky factor of H^-1: row i holds the update the remaining columns get from column i
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q, compensated = torch.zeros_like(w), torch.zeros_like(w)
-    n = w.shape[1]
-    for start in range(0, n, block):
-        end = min(start + block, n)
-        wb, errs = w[:, start:end].clone(), torch.zeros_like(w[:, start:end])
-        hb = hinv[start:end, start:end]
-        for i in range(end - start):
-            col = wb[:, i : i + 1]
-            compensated[:, start + i : start + i + 1] = col
-            qcol = fake_quant(col, scale, zero_point, qmin, qmax)
-            q[:, start + i : start + i + 1] = qcol
-            err = (col - qcol) / hb[i, i]
-            wb[:, i:] -= err @ hb[i : i + 1, i:]
-            errs[:, i : i + 1] = err
-        w[:, end:] -= errs @ hinv[start:end, end:]
-    return q.to(weight.dtype), compensated.to(weight.dtype)
 
 
 class _Reached(Exception):
@@ -136,3 +88,6 @@ def gptq_round(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]
         layer.ada = ada.requires_grad_(False)
         done[name] = compensated
     return done
+
+
+__all__ = ["gptq_quantize_weight", "gptq_round"]

@@ -17,11 +17,13 @@ from their own weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import QuantConv2d, QuantLinear, weight_layers
+from .modules import QuantConv2d, weight_layers
 from .quantizers import AdaRoundQuantizer, fake_quant
 
 #: dampening added to H's diagonal, as a fraction of its mean (GPTQ's default)
@@ -76,7 +78,7 @@ def gptq_quantize_weight(
     return q.to(weight.dtype), compensated.to(weight.dtype)
 
 
-def _patches(layer: QuantConv2d | QuantLinear, x: torch.Tensor) -> torch.Tensor:
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows its weight (flattened to [out, in]) multiplies: conv patches or tokens."""
     if isinstance(layer, QuantConv2d):
         cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # N, in, L
@@ -85,27 +87,38 @@ def _patches(layer: QuantConv2d | QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Reached(Exception):
-    """Raised by the capture hook: the rest of the unit's forward pass is not needed."""
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
 
 
-def _input_hessian(unit: nn.Module, layer: QuantConv2d | QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """sum p p^T over the rows `layer` multiplies on `x` (the unit run up to that layer, quantized)."""
+def input_hessian(
+    model: nn.Module,
+    layer: nn.Module,
+    x: torch.Tensor,
+    prepare: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """sum p p^T over the rows `layer` multiplies when `model` runs on `x` (conv patches or tokens).
+
+    The forward pass stops at the layer (each is called once per pass), so rounding the layers in
+    order costs about half of one full pass each. `prepare(layer, input)` maps the input the layer
+    receives to what its weight multiplies (e.g. a ViT Linear's own input quantizer).
+    """
     acc: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple) -> None:
-        rows = _patches(module, args[0]).double()
+        inp = args[0] if prepare is None else prepare(module, args[0])
+        rows = _patches(module, inp).double()
         acc["h"] = rows.t() @ rows
         raise _Reached
 
     handle = layer.register_forward_pre_hook(hook)
     try:
-        unit(x)
+        model(x)
     except _Reached:
         pass
     finally:
         handle.remove()
     if "h" not in acc:
-        raise RuntimeError("the unit's forward pass never reached one of its own weight layers")
+        raise RuntimeError("the forward pass never reached one of the layers being rounded")
     return acc["h"]
 
 
@@ -123,7 +136,7 @@ def unit_start_weights(unit: nn.Module, x: torch.Tensor) -> dict[nn.Module, torc
         if not layer.wq.enabled or getattr(layer, "groups", 1) != 1:
             continue
         layer.calibrate_weight()
-        hessian = _input_hessian(unit, layer, x)
+        hessian = input_hessian(unit, layer, x)
         weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         scale, zero_point = layer.wq.shaped(layer.weight)
         rounded, compensated = gptq_quantize_weight(
@@ -136,4 +149,4 @@ def unit_start_weights(unit: nn.Module, x: torch.Tensor) -> dict[nn.Module, torc
     return starts
 
 
-__all__ = ["gptq_quantize_weight", "unit_start_weights"]
+__all__ = ["gptq_quantize_weight", "input_hessian", "unit_start_weights"]

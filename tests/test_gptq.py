@@ -13,14 +13,7 @@ from quant.gptq import unit_start_weights
 from quant.modules import QuantConv2d, set_quant_state
 from quant.ptq import QuantConfig, quantize_model
 from quant.quantizers import fake_quant
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_vit import _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
 
 def _unit(groups: int = 1) -> nn.Sequential:

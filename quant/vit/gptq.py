@@ -34,36 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..gptq import gptq_quantize_weight
+from ..gptq import gptq_quantize_weight, input_hessian
 from ..quantizers import AdaRoundQuantizer
 from .layers import QuantLinear
-
-
-class _Reached(Exception):
-    """Raised by the capture hook: the rest of the forward pass is not needed."""
-
-
-def _input_hessian(model: nn.Module, layer: QuantLinear, calib: torch.Tensor) -> torch.Tensor:
-    """sum x x^T over every token of the layer's quantized input on the calibration batch.
-
-    The forward pass stops at the layer (a transformer calls each Linear once), so rounding the
-    layers in order costs about half of one full pass each.
-    """
-    acc = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=calib.device)
-
-    def hook(module: QuantLinear, args: tuple) -> None:
-        x = module.input_quantizer(args[0]).reshape(-1, module.in_features).double()
-        acc.add_(x.t() @ x)
-        raise _Reached
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        model(calib)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    return acc
 
 
 @torch.no_grad()
@@ -77,7 +50,7 @@ def gptq_round(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantLinear) or not layer.weight_quantizer.enabled or layer.ada is not None:
             continue
-        hessian = _input_hessian(model, layer, calib)
+        hessian = input_hessian(model, layer, calib, prepare=lambda m, x: m.input_quantizer(x))
         wq = layer.weight_quantizer
         scale, zero_point = wq.shaped(layer.weight)
         rounded, compensated = gptq_quantize_weight(

@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
                         model_name, fp, scores, wbits=wbits, abits=abits, calib=label, method=method,
                         n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1),
                         placement=args.placement, equalize=args.equalize,
+                        **({"gptq_start": config.gptq_start} if iters else {}),
                     )  # fmt: skip
                     rows += new
                     report.write_accuracy(Path(args.results), rows)

@@ -39,6 +39,7 @@ import torch
 
 from benchmarks import accuracy, report
 from launch.argtypes import area_fraction, nonnegative_float, positive_int, seed_list
+from launch.errors import UsageError
 
 #: PEERS.md, measured on this machine kind: (lossless 1,017, JPEG 7,959, seconds)
 PEER = {
@@ -50,6 +51,9 @@ PEER = {
 }
 PEER_DISTILL_SECONDS = 624
 PEER_DISTILL_S_PER_ITER = 0.75
+#: what `distill_pool` leaves in a pool it distilled: its wall time and recipe, so that a rerun on
+#: the same pools (`--pool`) reports the distillation that made them
+DISTILL_RECORD = "distill.json"
 SETTINGS = [  # (method, wbits, calib, iters)
     ("rtn", 4, "real", 0),
     ("genie-m", 4, "real", 3000),
@@ -120,7 +124,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "shared: one pool (engine seed 0) for every run seed",
     )
     p.add_argument(
-        "--pool", default=None, help="reuse this bn-distill pool for every seed instead of distilling"
+        "--pool",
+        type=pool_list,
+        default=None,
+        help="reuse bn-distill pools instead of distilling: one folder for every seed, or a comma list "
+        "with one per seed (in --seeds order); a pool this benchmark distilled keeps its wall time "
+        "(distill.json), which the rows then report",
     )
     p.add_argument(
         "--placement",
@@ -202,7 +211,30 @@ def distill_pool(setup: Setup, out: str, args: argparse.Namespace, seed: int = 0
     )  # fmt: skip
     t0 = time.perf_counter()
     generate(cfg, context)
-    return out, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    record = {"seconds": round(wall, 1), "engine_seed": seed, "device": report.device_string(),
+              "date": report.today(), **_distill_recipe(args)}  # fmt: skip
+    (Path(out) / DISTILL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return out, wall
+
+
+def pool_list(text: str) -> list[str]:
+    """`--pool`: one or more existing pool folders, comma-separated."""
+    paths = [p for p in text.split(",") if p]
+    missing = [p for p in paths if not Path(p).is_dir()]
+    if not paths or missing:
+        raise argparse.ArgumentTypeError(f"no such pool folder: {(missing[0] if missing else text)!r}")
+    return paths
+
+
+def _distill_recipe(args: argparse.Namespace) -> dict:
+    """The distillation's settings as rows name them."""
+    batches = max(1, args.distill_images // args.distill_batch)
+    return {
+        "distill_recipe": f"{batches} x {args.distill_batch}, {args.distill_iters} iterations, "
+        f"{_class_term(args.distill_ce_weight)}, {args.distill_workers} CPU actors",
+        "distill_ce_weight": args.distill_ce_weight,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -227,9 +259,9 @@ def run(args: argparse.Namespace) -> int:
         if iters:
             iters = args.iters or max(1, int(round(iters * args.iters_scale)))
         if calib_kind == "real":
-            calibs, extra = {seed: setup.real for seed in args.seeds}, {}
+            calibs, extra, run_fields = {seed: setup.real for seed in args.seeds}, {}, {}
         else:
-            calibs, extra = distilled_calibration(setup, args)
+            calibs, extra, run_fields = distilled_calibration(setup, args)
         peer = PEER[(method, wbits, calib_kind)]
         peer_iters = SETTINGS[i][3]
         comparable = args.iters is None or iters == peer_iters
@@ -241,11 +273,7 @@ def run(args: argparse.Namespace) -> int:
             calib = calibs[seed]
             # one seed's row takes the setting's scalars and its own pool's (the side row keeps the lists)
             per_run = {k: v for k, v in extra.items() if not isinstance(v, list)}
-            if "pool_seeds" in extra:
-                pool_seed = dict(zip(args.seeds, extra["pool_seeds"]))[seed]
-                per_run["pool_seed"] = pool_seed
-                distilled = list(dict.fromkeys(extra["pool_seeds"]))  # distill_seconds_per_pool's order
-                per_run["distill_seconds"] = extra["distill_seconds_per_pool"][distilled.index(pool_seed)]
+            per_run.update(run_fields.get(seed, {}))
             t0 = time.perf_counter()  # the copies are part of our pipeline's time
             images = augment_calibration(
                 calib, extra.get("augment", 1), seed=seed, cutmix=extra.get("cutmix", 0.0)
@@ -260,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
                 setup.name, fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
                 n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1),
                 s_per_iter_all_units=round(s_iter, 4), placement=args.placement, seed=seed, **per_run,
+                **_start_field(config),
             )  # fmt: skip
             rows += new
             report.write_accuracy(results, rows)
@@ -282,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
                 "peer_iters": peer_iters,
                 "s_per_iter_all_units": round(float(s_iters.mean()), 4),
                 "ours_jpeg_agree": round(float(agree.mean()), 2), "ours_jpeg_kl": round(float(kl.mean()), 5),
-                **extra,
+                **_start_field(config), **extra,
                 "device": report.device_string(), "date": report.today(),
             }
         )  # fmt: skip
@@ -293,51 +322,103 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def distilled_calibration(setup: Setup, args: argparse.Namespace) -> tuple[dict[int, torch.Tensor], dict]:
-    """The data-free setting's calibration images for each run seed, and the row fields about them.
+def distilled_calibration(
+    setup: Setup, args: argparse.Namespace
+) -> tuple[dict[int, torch.Tensor], dict, dict[int, dict]]:
+    """The data-free setting's calibration images for each run seed, the side row's fields about
+    them, and each run's own fields (its pool's engine seed and distillation time).
 
     Per seed (the default), run seed s reconstructs from a pool the engine distils with seed s: the
     pool draw (initial latents, decoder weights, swing offsets) moves the W4A4 result by as much as
     the reconstruction seed does, so only then is the mean over seeds what a user running the
-    recipe once should expect. Distillation seconds are the mean over the pools.
+    recipe once should expect. Distillation seconds are the mean over the pools. `--pool` reuses
+    pools instead (see `_reused_pools`).
     """
     from quant.data import load_calibration
 
-    per_seed = args.distill_pools == "per-seed" and args.pool is None
+    if args.pool is not None:
+        return _reused_pools(setup, args)
+    per_seed = args.distill_pools == "per-seed"
     pool_seeds = [seed if per_seed else 0 for seed in args.seeds]
     images: dict[int, torch.Tensor] = {}
-    seconds: list[float] = []
+    seconds: dict[int, float] = {}
     for pool_seed in dict.fromkeys(pool_seeds):
-        if args.pool is not None:
-            path = args.pool
-        else:
-            out = tempfile.mkdtemp(prefix="dfq-peer-pool-")
-            path, wall = distill_pool(setup, out, args, seed=pool_seed)
-            seconds.append(wall)
+        out = tempfile.mkdtemp(prefix="dfq-peer-pool-")
+        path, seconds[pool_seed] = distill_pool(setup, out, args, seed=pool_seed)
         images[pool_seed] = load_calibration(path, setup.transform, args.distill_images)
-        if args.pool is None:  # distilled here: the tiny form's is litter, a real one worth reusing
-            if args.tiny:
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                print(
-                    f"distilled pool (engine seed {pool_seed}) kept at {path} (reuse it with --pool {path})"
-                )
+        if args.tiny:  # the tiny form's pool is litter, a real one worth reusing
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            print(f"distilled pool (engine seed {pool_seed}) kept at {path} (reuse it with --pool {path})")
+    extra = _augment_fields(args)
+    extra.update(
+        pool_seeds=pool_seeds, **_distill_fields(list(seconds.values()), args), **_distill_recipe(args)
+    )
+    runs = {
+        seed: {"pool_seed": ps, "distill_seconds": round(seconds[ps], 1)}
+        for seed, ps in zip(args.seeds, pool_seeds)
+    }
+    return {seed: images[ps] for seed, ps in zip(args.seeds, pool_seeds)}, extra, runs
+
+
+def _reused_pools(
+    setup: Setup, args: argparse.Namespace
+) -> tuple[dict[int, torch.Tensor], dict, dict[int, dict]]:
+    """`--pool`: one pool for every seed, or one per seed. Each pool's engine seed comes from its
+    manifest; its distillation time and recipe from the record `distill_pool` left in it, so a
+    rerun on the pools of an earlier run (e.g. after a quantizer change) still reports the
+    distillation that made them. A pool without that record gives rows without distillation time."""
+    from quant.data import load_calibration
+
+    paths = args.pool if len(args.pool) > 1 else args.pool * len(args.seeds)
+    if len(paths) != len(args.seeds):
+        raise UsageError(
+            f"peer: --pool names {len(args.pool)} pools for {len(args.seeds)} seeds (give one, or one per seed)"
+        )
+    images: dict[str, torch.Tensor] = {}
+    records: dict[str, dict] = {}
+    engine_seed: dict[str, int] = {}
+    for path in dict.fromkeys(paths):
+        images[path] = load_calibration(path, setup.transform, args.distill_images)
+        engine_seed[path] = int(json.loads((Path(path) / "manifest.json").read_text())["config"]["seed"])
+        record = Path(path) / DISTILL_RECORD
+        if record.is_file():
+            records[path] = json.loads(record.read_text())
+    extra = _augment_fields(args)
+    extra["pool_seeds"] = [engine_seed[p] for p in paths]
+    runs = {seed: {"pool_seed": engine_seed[p], "pool": p} for seed, p in zip(args.seeds, paths)}
+    if len(records) == len(images):  # every pool says how long it took
+        recipes = {r["distill_recipe"] for r in records.values()}
+        if len(recipes) > 1:
+            raise UsageError(f"peer: --pool mixes pools distilled by different recipes: {sorted(recipes)}")
+        first = next(iter(records.values()))
+        extra.update(
+            **_distill_fields([r["seconds"] for r in records.values()], args),
+            distill_recipe=first["distill_recipe"], distill_ce_weight=first["distill_ce_weight"],
+            distilled_on=sorted({r["date"] for r in records.values()}),
+        )  # fmt: skip
+        for seed, p in zip(args.seeds, paths):
+            runs[seed]["distill_seconds"] = records[p]["seconds"]
+    return {seed: images[p] for seed, p in zip(args.seeds, paths)}, extra, runs
+
+
+def _augment_fields(args: argparse.Namespace) -> dict:
+    """The row fields of the copies the reconstruction reads."""
     extra: dict = {"augment": args.distill_augment}
     if args.distill_augment > 1 and args.distill_cutmix > 0:
         extra["cutmix"] = args.distill_cutmix
-    if seconds:
-        batches = max(1, args.distill_images // args.distill_batch)
-        mean = float(np.mean(seconds))
-        extra.update(
-            pool_seeds=pool_seeds,
-            distill_seconds=round(mean, 1),
-            distill_seconds_per_pool=[round(t, 1) for t in seconds],
-            distill_recipe=f"{batches} x {args.distill_batch}, {args.distill_iters} iterations, "
-            f"{_class_term(args.distill_ce_weight)}, {args.distill_workers} CPU actors",
-            distill_ce_weight=args.distill_ce_weight,
-            distill_s_per_iter_per_batch=round(mean / args.distill_iters / batches, 3),
-        )
-    return {seed: images[pool_seed] for seed, pool_seed in zip(args.seeds, pool_seeds)}, extra
+    return extra
+
+
+def _distill_fields(seconds: list[float], args: argparse.Namespace) -> dict:
+    """Distillation wall time over the pools, and per iteration per batch (the peer's unit)."""
+    batches = max(1, args.distill_images // args.distill_batch)
+    mean = float(np.mean(seconds))
+    return {
+        "distill_seconds": round(mean, 1),
+        "distill_seconds_per_pool": [round(t, 1) for t in seconds],
+        "distill_s_per_iter_per_batch": round(mean / args.distill_iters / batches, 3),
+    }
 
 
 def _class_term(ce_weight: float) -> str:
@@ -407,12 +488,20 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
     ]
     for r in side:
         lines.append(
-            f"| {r['setting']}{', ' + r['placement'] if r.get('placement') else ''} | {r['iters']} | {_n_calib(r)} "
+            f"| {r['setting']}{', ' + r['placement'] if r.get('placement') else ''}{_start_mark(r)} | {r['iters']} "
+            f"| {_n_calib(r)} "
             f"| {len(r.get('seeds', [0]))} "
             f"| {_spread(r, 'lossless')} | {r['peer_lossless']:.2f} "
             f"| {_spread(r, 'jpeg')} | {r['peer_jpeg']:.2f} | {r['ours_seconds']:.0f} | {r['peer_seconds']} "
             f"| {_ratio(r)} |"
         )
+    if any(_start_mark(r) for r in side):
+        lines += [
+            "",
+            "Reconstruction starts each layer's learned rounding from GPTQ's compensated weights (`quant.gptq`, "
+            "the default since 2026-11-25); rows marked *nearest start* were measured before that, from each "
+            "layer's own weights rounded to nearest.",
+        ]
     longer = sorted({r["iters"] for r in side if _ratio(r) == "-"})
     if longer:
         lines += [
@@ -467,9 +556,10 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
         lines += [
             "",
             f"Distillation (bn-distill, {distill['n_calib']} images, {distill.get('distill_recipe', '')}): "
-            f"{distill['distill_seconds']:.0f} s wall{_pool_range(distill)} against Genie-D's {PEER_DISTILL_SECONDS} s, "
+            f"{distill['distill_seconds']:.0f} s wall{_pool_range(distill)} against Genie-D's "
+            f"{PEER_DISTILL_SECONDS} s, "
             f"{distill['distill_s_per_iter_per_batch']:.3f} s per iteration per batch against "
-            f"{PEER_DISTILL_S_PER_ITER}.",
+            f"{PEER_DISTILL_S_PER_ITER}.{_reused(distill)}",
         ]
     (results / "peer_compare.md").write_text("\n".join(lines) + "\n")
     (results / "peer_compare.json").write_text(
@@ -481,6 +571,23 @@ def _ratio(row: dict) -> str:
     """Our time over the peer's, where the row ran the peer's budget ('-' for `--iters` rows)."""
     ratio = row.get("time_ratio")
     return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def _start_field(config) -> dict:
+    """Where the reconstruction's learned rounding started, for rows that reconstruct."""
+    return {"gptq_start": config.gptq_start} if config.iters and config.method != "rtn" else {}
+
+
+def _start_mark(row: dict) -> str:
+    """A reconstruction row measured from nearest rounding (before GPTQ's start was the default)."""
+    reconstructs = row.get("iters") and not row["setting"].split()[1] == "rtn"
+    return ", *nearest start*" if reconstructs and row.get("gptq_start") is not True else ""
+
+
+def _reused(row: dict) -> str:
+    """Where the row reran on earlier pools (`--pool`): when they were distilled."""
+    days = row.get("distilled_on")
+    return f" The pools were distilled on {', '.join(days)} and reused with `--pool`." if days else ""
 
 
 def _pool_range(row: dict) -> str:

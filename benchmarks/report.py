@@ -44,10 +44,13 @@ def row_key(row: dict) -> tuple:
 
 def weight_rounding(row: dict) -> str | None:
     """A ViT row's weight rounding: GPTQ's or nearest, or with reconstruction the rounding it
-    started from (rows written before GPTQ are `nearest`)."""
-    if row.get("method") != "repq-vit":
-        return None
-    return row.get("weight_rounding") or "nearest"
+    started from (rows written before GPTQ are `nearest`). A CNN reconstruction row's: where its
+    learned rounding started (`gptq_start`; rows written before it existed started from nearest)."""
+    if row.get("method") == "repq-vit":
+        return row.get("weight_rounding") or "nearest"
+    if row.get("method") in ("brecq", "qdrop", "genie-m") and row.get("iters"):
+        return "gptq" if row.get("gptq_start") else "nearest"
+    return None
 
 
 def input_grid(row: dict) -> str | None:
@@ -83,8 +86,8 @@ def placement(row: dict) -> str | None:
 
 def method_label(row: dict) -> str:
     """The method as tables and plots show it: Genie's placement named, QDrop's the unmarked default,
-    cross-layer equalization as `+cle`, the ViT's head rotation as `+rot`, its GPTQ weight rounding
-    as `+gptq`, its block reconstruction as `+genie-m` (as `dfq quantize` names it), its image
+    cross-layer equalization as `+cle`, the ViT's head rotation as `+rot`, GPTQ weight rounding (a
+    CNN's: the reconstruction's start) as `+gptq`, its block reconstruction as `+genie-m` (as `dfq quantize` names it), its image
     grid over the normalization's range as `(preprocess input)`, and a run seed other than 0. (A ViT
     row's reconstruction reads `n_calib` images; the label says how many its grids were fitted on.)"""
     label = row["method"] + ("+cle" if row.get("equalize") else "")

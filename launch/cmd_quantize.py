@@ -73,8 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--gptq-start",
-        action="store_true",
-        help="CNNs: learned rounding starts from GPTQ's compensated weights instead of each layer's own",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CNNs: learned rounding starts from GPTQ's compensated weights (default); --no-gptq-start: "
+        "from each layer's own weights rounded to nearest",
     )
     p.add_argument(
         "--vit-recon-iters",

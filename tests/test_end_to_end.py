@@ -97,7 +97,7 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
     _generate(pool, "--preset", "tiny")
     _check_pool(pool, "diffusion")
 
-    cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4", "--gptq-start")
+    cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4")  # GPTQ start: the default
     vit = _quantize(
         pool,
         tmp_path / "vit",

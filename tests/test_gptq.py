@@ -1,5 +1,5 @@
 """quant.gptq on CNN layers: GPTQ's conv rounding beats nearest on its calibration inputs, and
-`QuantConfig.gptq_start` starts block reconstruction from it (off by default)."""
+`QuantConfig.gptq_start` (the default) starts block reconstruction from it."""
 
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def test_quant_config_gptq_start_changes_the_reconstruction_and_is_deterministic
     model, _ = tiny_bn_cnn()
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     base = dict(wbits=4, abits=4, method="genie-m", iters=3, batch_size=8)
-    plain = quantize_model(model, calib, QuantConfig(**base), progress=False)
-    a = quantize_model(model, calib, QuantConfig(**base, gptq_start=True), progress=False)
+    plain = quantize_model(model, calib, QuantConfig(**base, gptq_start=False), progress=False)
+    a = quantize_model(model, calib, QuantConfig(**base), progress=False)  # the default
     b = quantize_model(model, calib, QuantConfig(**base, gptq_start=True), progress=False)
     torch.testing.assert_close(a.state_dict(), b.state_dict())
     assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in a.state_dict().items() if "alpha" in k)

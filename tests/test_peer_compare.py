@@ -80,7 +80,7 @@ def test_data_free_seeds_each_distil_their_own_pool(ray_local, tmp_path, monkeyp
     assert [own_seconds[0], own_seconds[1]] == side["distill_seconds_per_pool"]
     assert "each seed reconstructs from its own pool" in (tmp_path / "r" / "peer_compare.md").read_text()
 
-    # the images themselves: engine seed s gives another pool; `shared` gives every seed engine seed 0's
+    # `shared` gives every seed engine seed 0's pool
     args = argparse.Namespace(
         tiny=True,
         pool=None,
@@ -91,15 +91,31 @@ def test_data_free_seeds_each_distil_their_own_pool(ray_local, tmp_path, monkeyp
         **peer_compare.TINY,
     )
     setup = peer_compare.tiny_setup(args)
-    own, _ = peer_compare.distilled_calibration(setup, args)
     args.distill_pools = "shared"
-    shared, extra = peer_compare.distilled_calibration(setup, args)
+    shared, extra, runs = peer_compare.distilled_calibration(setup, args)
     assert extra["pool_seeds"] == [0, 0] and len(extra["distill_seconds_per_pool"]) == 1
-    assert torch.equal(own[0], shared[0]) and torch.equal(
-        shared[0], shared[1]
-    )  # distillation is deterministic
-    assert not torch.allclose(own[0], own[1])
+    assert torch.equal(shared[0], shared[1]) and [runs[s]["pool_seed"] for s in (0, 1)] == [0, 0]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("dfq-peer-pool-")] == []
+
+    # --pool: one kept pool per seed, rerun later, reports the distillation that made each
+    kept = [peer_compare.distill_pool(setup, str(tmp_path / f"kept{s}"), args, seed=s) for s in (1, 0)]
+    args.pool = [path for path, _ in kept]
+    reused, extra, runs = peer_compare.distilled_calibration(setup, args)
+    assert torch.equal(reused[1], shared[0])  # distillation is deterministic; the pools in --seeds order
+    assert not torch.allclose(reused[0], reused[1])  # engine seed s gives another pool
+    assert extra["pool_seeds"] == [1, 0] and runs[0]["pool"] == args.pool[0]
+    assert extra["distill_seconds_per_pool"] == [round(t, 1) for _, t in kept]
+    assert runs[1]["distill_seconds"] == round(kept[1][1], 1) and "cross-entropy" in extra["distill_recipe"]
+    args.pool = args.pool[:1]  # one pool for every seed
+    reused, extra, _ = peer_compare.distilled_calibration(setup, args)
+    assert torch.equal(reused[0], reused[1]) and extra["pool_seeds"] == [1, 1]
+    (tmp_path / "kept0" / peer_compare.DISTILL_RECORD).unlink()  # a pool made elsewhere: no time to report
+    args.pool = [str(tmp_path / "kept1"), str(tmp_path / "kept0")]
+    _, extra, runs = peer_compare.distilled_calibration(setup, args)
+    assert "distill_seconds" not in extra and "distill_seconds" not in runs[0]
+    args.pool = [str(tmp_path / "kept1")] * 3
+    with pytest.raises(peer_compare.UsageError, match="3 pools for 2 seeds"):
+        peer_compare.distilled_calibration(setup, args)
 
 
 def test_several_seeds_give_one_row_each_and_a_mean(tmp_path, capsys) -> None:
@@ -155,7 +171,8 @@ def test_an_iters_budget_gets_its_own_row_without_a_time_ratio(tmp_path) -> None
     [("--distill-augment", "0")]
     + [("--distill-cutmix", bad) for bad in ("1", "-0.1", "x", "nan")]
     + [("--distill-ce-weight", bad) for bad in ("-1", "inf")]
-    + [("--seeds", bad) for bad in ("0,0", "-1", "1,x", "")],
+    + [("--seeds", bad) for bad in ("0,0", "-1", "1,x", "")]
+    + [("--pool", bad) for bad in ("/no/such/pool", ",")],
 )
 def test_bad_value_is_a_one_line_usage_error(flag: str, bad: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:

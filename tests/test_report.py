@@ -74,3 +74,20 @@ def test_vit_weight_rounding_rows_are_their_own_measurement(tmp_path) -> None:
     assert report.row_key(rot) != report.row_key(gptq) and report.head_rotation(gptq) == "none"
     assert report.head_rotation(_row(method="genie-m")) is None
     assert report.method_label(rot) == "repq-vit+rot+gptq"
+
+
+def test_cnn_reconstruction_start_is_part_of_the_measurement(tmp_path) -> None:
+    """GPTQ-start and nearest-start CNN rows coexist; rows from before the field started from nearest."""
+    cnn = dict(method="genie-m", calib="real", iters=100, placement="layer-input")
+    legacy = _row(**cnn)
+    gptq = _row(**cnn, gptq_start=True, top1=51.0)
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps([legacy]))
+    merged = report.merge_rows(path, [gptq])
+    assert sorted(report.method_label(r) for r in merged) == [
+        "genie-m (layer-input)",
+        "genie-m+gptq (layer-input)",
+    ]
+    merged = report.merge_rows(path, [_row(**cnn, gptq_start=False, top1=49.0)])  # replaces the legacy row
+    assert sorted(r["top1"] for r in merged) == [49.0, 51.0]
+    assert report.weight_rounding(_row(method="rtn", gptq_start=True)) is None  # nothing learned, no start

@@ -1,8 +1,8 @@
-"""`dfq bench accuracy`: top-1 of the real models of ASSETS.md, fp32 and quantized, per calibration source.
+"""`dfq bench accuracy`: top-1 of the real models (benchmarks/README.md), fp32 and quantized, per calibration source.
 
 For each model: the fp32 row on each evaluation set, then for each bit setting x calibration source
-x method a quantized row (DESIGN.md's accuracy.json fields). Calibration sources: `real` (the
-ASSETS.md draw of 1,024 held-out CIFAR JPEGs), `noise` (Gaussian in the normalised input space),
+x method a quantized row (accuracy.json fields, benchmarks/README.md). Calibration sources: `real` (the
+fixed draw of 1,024 held-out CIFAR JPEGs), `noise` (Gaussian in the normalised input space),
 or a pool directory written by `dfq generate` (`bn-distill=<dir>`, `sd-mixup=<dir>`, ...).
 
 `--tiny` is the CI form: a random zoo model, a hand-made calibration set, a few iterations, results
@@ -33,7 +33,9 @@ BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4), "W3A3": (3, 3), "W2A4": 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--assets", default=None, help="ASSETS.md folder (default $DFQ_ASSETS or ../shared/assets)"
+        "--assets",
+        default=None,
+        help="assets folder, laid out as benchmarks/README.md describes (default $DFQ_ASSETS or ../shared/assets)",
     )
     p.add_argument("--results", default="benchmarks/results", help="where accuracy.json/.md/.png go")
     p.add_argument("--models", default="cifar_resnet20", help=f"comma list of {', '.join(MODELS)}")
@@ -73,7 +75,7 @@ def _normalise(images_uint8: torch.Tensor, data_config: dict) -> torch.Tensor:
 
 
 def eval_sets(family: str, assets: Path, data_config: dict, transform: Callable, which: list[str]) -> dict:
-    """name -> data accepted by quant.evaluate (tensor pair or Dataset), named as DESIGN.md asks."""
+    """name -> data accepted by quant.evaluate (tensor pair or Dataset), named as accuracy.json's `dataset`."""
     from benchmarks import splits
 
     if family == "imagenet":
@@ -115,11 +117,11 @@ def quantize_and_evaluate(model, calib: torch.Tensor, config, evals: dict, progr
     """(seconds for calibration + reconstruction, {eval name: evaluate() result}, quantized model).
 
     The scores carry the fidelity to `model` (evaluate's 'agree' and 'kl'), which rows_for records."""
+    import quant
     from quant.evaluate import evaluate
-    from quant.ptq import quantize_model
 
     t0 = time.perf_counter()
-    qmodel = quantize_model(model, calib, config, progress=progress)
+    qmodel = quant.quantize(model, calib, config, progress=progress)
     seconds = time.perf_counter() - t0
     scores = {name: evaluate(qmodel, data, progress=False, reference=model) for name, data in evals.items()}
     return seconds, scores, qmodel
@@ -154,9 +156,9 @@ def fp_rows(model_name: str, fp: dict) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quant import CNNSettings
     from quant.data import build_transform
     from quant.models import load_model
-    from quant.ptq import QuantConfig
 
     if args.tiny:
         return _run_tiny(args)
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
                     iters = 0 if method == "rtn" else args.iters
                     if method != "rtn" and bits in args.rtn_only.split(","):
                         continue
-                    config = QuantConfig(
+                    config = CNNSettings(
                         wbits=wbits,
                         abits=abits,
                         method=method,
@@ -228,14 +230,14 @@ def tiny_resnet20() -> tuple[torch.nn.Module, dict]:
 
 def tiny_rows(args: argparse.Namespace) -> tuple[Path, list[dict]]:
     """Run the tiny form and return (results dir, rows written), for benchmarks built on it."""
-    from quant.ptq import QuantConfig
+    from quant import CNNSettings
 
     model, _ = tiny_resnet20()
     images, labels = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     evals = {"random-64": (images, labels)}
     fp = fp_scores(model, evals)
     rows = fp_rows("cifar_resnet20-random", fp)
-    config = QuantConfig(wbits=4, abits=4, method="genie-m", iters=2, batch_size=8)
+    config = CNNSettings(wbits=4, abits=4, method="genie-m", iters=2, batch_size=8)
     seconds, scores, _ = quantize_and_evaluate(model, images[:16], config, evals, progress=False)
     rows += rows_for(
         "cifar_resnet20-random", fp, scores, wbits=4, abits=4, calib="noise", method="genie-m",

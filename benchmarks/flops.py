@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-#: The roofline peak of an H100 for dense bf16/fp16 matmuls (what a large GEMM reaches; DESIGN.md).
+#: The roofline peak of an H100 for dense bf16/fp16 matmuls (what a large GEMM reaches; docs/results.md).
 H100_PEAK_TFLOPS = 800.0
 
 #: SD1.5's component configs (stable-diffusion-v1-5 `unet/`, `vae/`, `text_encoder/` config.json).

@@ -10,7 +10,7 @@ end-to-end images/s, the efficiency against linear scaling from the first row
 per image means the driver is never the bottleneck.
 
 `--random-weights` (GPU): the SD1.5 architecture with random weights, saved once to a temp dir as a
-local diffusers model. Results: `gen_scaling.json` (DESIGN.md) and `gen_scaling.md`; a CPU run never
+local diffusers model. Results: `gen_scaling.json` (benchmarks/README.md) and `gen_scaling.md`; a CPU run never
 replaces a GPU result (it writes `gen_scaling.cpu.json` then, as `dfq bench gen` does).
 """
 
@@ -126,7 +126,7 @@ def _cpu_device() -> str:
 
 
 def run_one(args: argparse.Namespace, n: int, model: str | None, device: str, out: str) -> tuple[dict, dict]:
-    """One fresh pool with `n` actors: (DESIGN.md row, extra numbers)."""
+    """One fresh pool with `n` actors: (gen_scaling.json row, extra numbers)."""
     from engine.config import GenerateConfig
     from engine.driver import generate
 

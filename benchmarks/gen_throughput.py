@@ -12,7 +12,7 @@ Three measurements on the same weights and settings (steps, guidance, size, dtyp
 
 FLOPs per image come from torch.utils.flop_counter (benchmarks/flops.py); the roofline is
 `--peak-tflops` (default 800, an H100's dense fp16/bf16 matmul rate) on a GPU and a measured fp32 matmul
-rate on a CPU. Results: `gen_throughput.json` (fields per DESIGN.md; extra numbers under `details`) and
+rate on a CPU. Results: `gen_throughput.json` (fields in benchmarks/README.md; extra numbers under `details`) and
 `gen_throughput.md`. A CPU run never replaces a GPU result: if the existing `gen_throughput.json` names
 a GPU and this run is on a CPU, it writes `gen_throughput.cpu.json` / `.cpu.md` instead.
 """
@@ -135,7 +135,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.peak_tflops is not None:
         peak, peak_source = args.peak_tflops, "argument"
     elif on_gpu:
-        peak, peak_source = H100_PEAK_TFLOPS, "H100 dense fp16/bf16 matmul (DESIGN.md)"
+        peak, peak_source = H100_PEAK_TFLOPS, "H100 dense fp16/bf16 matmul (docs/results.md)"
     else:
         peak, peak_source = cpu_matmul_peak(), "measured fp32 matmul, this CPU"
 

@@ -1,23 +1,23 @@
-"""`dfq bench peer`: our pipeline against Genie (PEERS.md) on the CIFAR-10 ResNet-20, side by side.
+"""`dfq bench peer`: our pipeline against Genie (docs/results.md) on the CIFAR-10 ResNet-20, side by side.
 
-The three settings of PEERS.md, with the same layers at 8 bits (first conv W8 with float input, its
-output A8, last linear W8A8), the same calibration draw (ASSETS.md) and the same iteration budgets:
+The three settings of Genie's run, with the same layers at 8 bits (first conv W8 with float input, its
+output A8, last linear W8A8), the same calibration draw (benchmarks/README.md) and the same iteration budgets:
 
 1. W4A4, real calibration (1,024 images), 3,000 iterations per block;
 2. W4A4, data-free: our bn-distill generator at the peer's budget (256 images = 2 batches of 128,
    400 iterations) through the engine into a pool, then 2,000 iterations per block from that pool
    and 7 flipped/shifted copies of each image (`--distill-augment`, default 8: no new information,
    but a 256-image pool read ~250 times over is otherwise fitted image by image; `--distill-cutmix`
-   pastes boxes between copies, measured neutral and off by default); each run seed
+   pastes boxes between copies, off by default); each run seed
    distils its own pool (engine seed = run seed, `--distill-pools per-seed`), so the mean over seeds
    covers the pool draw as well as the reconstruction's;
 3. W2A4, real calibration, 2,000 iterations per block;
 
 plus round-to-nearest at W4A4 and W2A4. Rows go to accuracy.json; `peer_compare.md` puts them next
-to the PEERS.md figures (accuracy on the lossless slice and the JPEG set, wall time).
+to Genie's figures (accuracy on the lossless slice and the JPEG set, wall time).
 
 `--iters N` runs every reconstruction setting at N iterations a block instead, e.g. 20,000, Genie's
-published default, which PEERS.md cut to fit its time: such rows sit beside the peer-budget ones in
+published default, which the peer run cut to fit its time: such rows sit beside the peer-budget ones in
 the table (one row per setting, placement and budget) and compare accuracy only, as the peer never
 ran that budget here.
 """
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from benchmarks import accuracy, report
-from launch.argtypes import area_fraction, nonnegative_float, positive_int, seed_list
-from launch.errors import UsageError
+from benchmarks.argtypes import area_fraction, nonnegative_float, positive_int, seed_list
+from benchmarks.errors import BenchmarkError
 
-#: PEERS.md, measured on this machine kind: (lossless 1,017, JPEG 7,959, seconds)
+#: Genie's run on the CPU machine (docs/results.md, section Peers): (lossless 1,017, JPEG 7,959, seconds)
 PEER = {
     ("rtn", 4, "real"): (90.95, 78.04, 23),
     ("genie-m", 4, "real"): (91.45, 80.29, 994),
@@ -77,7 +77,9 @@ TINY = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--assets", default=None, help="ASSETS.md folder (default $DFQ_ASSETS or ../shared/assets)"
+        "--assets",
+        default=None,
+        help="assets folder, laid out as benchmarks/README.md describes (default $DFQ_ASSETS or ../shared/assets)",
     )
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument(
@@ -135,13 +137,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--placement",
         default="layer-input",
         choices=["layer-input", "block-output"],
-        help="activation quantizers; layer-input is the graph the PEERS.md run quantized (default)",
+        help="activation quantizers; layer-input is the graph the Genie run quantized (default)",
     )
     p.add_argument(
         "--seeds",
         type=seed_list,
         default=[0],
-        help="comma list of run seeds (QDrop masks, minibatch order); the calibration draw stays ASSETS.md's. "
+        help="comma list of run seeds (QDrop masks, minibatch order); the calibration draw stays benchmarks/README.md's. "
         "Each setting runs once per seed and the table shows the mean and the range",
     )
     p.add_argument("--tiny", action="store_true", help="CI form: random model and images, a few iterations")
@@ -150,7 +152,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @dataclass
 class Setup:
     """What the settings loop needs: the model (and its checkpoint, for the distilling actors), the
-    evaluation sets, the real calibration draw, and the eval-set names that map to PEERS.md columns."""
+    evaluation sets, the real calibration draw, and the eval-set names that map to the peer's columns."""
 
     name: str
     model: torch.nn.Module
@@ -163,7 +165,7 @@ class Setup:
 
 
 def real_setup(args: argparse.Namespace) -> Setup:
-    """The CIFAR-10 ResNet-20, both evaluation sets and the 1,024-image draw of ASSETS.md."""
+    """The CIFAR-10 ResNet-20, both evaluation sets and the 1,024-image real calibration draw."""
     from benchmarks.splits import assets_dir
     from quant.data import build_transform
     from quant.models import load_model
@@ -238,8 +240,8 @@ def _distill_recipe(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quant import CNNSettings
     from quant.data import augment_calibration
-    from quant.ptq import QuantConfig
 
     if args.tiny:
         for name, value in TINY.items():  # the CI scale, unless asked otherwise
@@ -267,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         comparable = args.iters is None or iters == peer_iters
         runs, fidelity = [], []
         for seed in args.seeds:
-            config = QuantConfig(
+            config = CNNSettings(
                 wbits=wbits, abits=4, method=method, iters=iters, placement=args.placement, seed=seed
             )
             calib = calibs[seed]
@@ -283,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
                 setup.model, images, config, setup.evals, progress=not args.tiny
             )
             seconds += t_aug
-            s_iter = sum(qmodel._dfq_meta["seconds_per_iter"].values()) if iters else 0.0
+            s_iter = sum(qmodel.seconds_per_iter.values()) if iters else 0.0
             new = accuracy.rows_for(
                 setup.name, fp, scores, wbits=wbits, abits=4, calib=calib_kind, method=method,
                 n_calib=int(calib.shape[0]), iters=iters, seconds=round(seconds, 1),
@@ -372,7 +374,7 @@ def _reused_pools(
 
     paths = args.pool if len(args.pool) > 1 else args.pool * len(args.seeds)
     if len(paths) != len(args.seeds):
-        raise UsageError(
+        raise BenchmarkError(
             f"peer: --pool names {len(args.pool)} pools for {len(args.seeds)} seeds (give one, or one per seed)"
         )
     images: dict[str, torch.Tensor] = {}
@@ -390,7 +392,9 @@ def _reused_pools(
     if len(records) == len(images):  # every pool says how long it took
         recipes = {r["distill_recipe"] for r in records.values()}
         if len(recipes) > 1:
-            raise UsageError(f"peer: --pool mixes pools distilled by different recipes: {sorted(recipes)}")
+            raise BenchmarkError(
+                f"peer: --pool mixes pools distilled by different recipes: {sorted(recipes)}"
+            )
         first = next(iter(records.values()))
         extra.update(
             **_distill_fields([r["seconds"] for r in records.values()], args),
@@ -470,7 +474,7 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
     dates = ", ".join(sorted({r["date"] for r in side if r.get("date")}))
     distill = next((r for r in side if r.get("distill_seconds")), None)
     lines = [
-        "# Side by side with Genie (PEERS.md), CIFAR-10 ResNet-20",
+        "# Side by side with Genie, CIFAR-10 ResNet-20",
         "",
         *(
             [
@@ -481,7 +485,7 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
             else []
         ),
         f"Ours measured by `dfq bench peer` on {devices}, {dates}; "
-        "peer figures from PEERS.md (same machine kind, same split, same layers at 8 bits).",
+        "peer figures: Genie run unmodified on the same machine kind (docs/results.md, section Peers; same split, same layers at 8 bits).",
         "",
         "| setting | iters/block | n_calib | seeds | ours lossless | Genie lossless | ours JPEG 7,959 | Genie JPEG | ours s | Genie s | time ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -507,15 +511,15 @@ def _write_side(results: Path, side: list[dict], setup: Setup) -> None:
         lines += [
             "",
             f"Rows at {', '.join(f'{n:,}' for n in longer)} iterations a block (`--iters`; 20,000 is Genie's published "
-            "default, which PEERS.md cut to fit its time) compare accuracy only: the Genie figures beside them "
-            "are its PEERS.md runs at the setting's own budget, so there is no time ratio.",
+            "default, which the Genie run cut to fit its time) compare accuracy only: the Genie figures beside them "
+            "are its runs at the setting's own budget, so there is no time ratio.",
         ]
     if any(len(r.get("seeds", [0])) > 1 for r in side):
         lines += [
             "",
             "Where a setting ran with several seeds (QDrop masks, minibatch order, augmented copies; the "
             "same real calibration images), ours is the mean with the range in brackets and the time is the "
-            "mean run; Genie's is its one PEERS.md run.",
+            "mean run; Genie's is its one run.",
         ]
     pools = {len(set(r["pool_seeds"])) for r in side if len(set(r.get("pool_seeds", []))) > 1}
     if pools:

@@ -1,25 +1,28 @@
 """`dfq bench recon-speed`: our block reconstruction loop against a Genie-style loop, same run, same blocks.
 
-Why: `dfq bench peer` holds our wall time against the seconds PEERS.md measured in another run, and
-this 2-core VM's speed drifts by +-40% between hours (one reconstruction iteration of the ResNet-20
-measured 0.106 s, then 0.18 s, with nothing else running). A ratio taken inside one process, with the
+Why: `dfq bench peer` holds our wall time against the seconds Genie took in another run, and a
+small VM's speed drifts from hour to hour (docs/notes.md). A ratio taken inside one process, with the
 two loops interleaved on the same inputs, does not drift with the host.
 
 The baseline is a reconstruction loop written the way Genie's `reconstruct_block` does its work
-(SamsungLabs/Genie @ 7b089d9e, the PEERS.md run; our own code from its description): BN kept
+(SamsungLabs/Genie @ 7b089d9e, the peer run of docs/results.md; our own code from its description): BN kept
 unfolded after each conv, NCHW activations, an activation quantizer on every conv input with a fresh
 QDrop mask drawn per element and per quantizer (`rand_like`), straight-through rounding through
 autograd, AdaRound weights recomputed by autograd ops, an unfused Adam per parameter group, a
 `CosineAnnealingLR` object, and the QDrop input mix drawn with `torch.where`. Same algorithm, same
-batch (32), same schedule (20% warm-up before the rounding loss), same bits (W4A4, the graph of
-PEERS.md: activation quantizers on the conv inputs). Ours is `quantize_model`'s own per-unit
+batch (32), same schedule (20% warm-up before the rounding loss), same bits (W4A4, Genie's
+graph: activation quantizers on the conv inputs). Ours is `quant.quantize`'s own per-unit
 seconds per iteration at the same settings.
 
 Rows: per block, ms per iteration (best of `--reps` interleaved repetitions) and ours / baseline;
 the sum over the nine blocks is the figure to hold against the issue's one-third target. The
-report puts PEERS.md's 0.32 s per iteration (all 11 units) beside it, so a reader can see how the
-baseline compares with Genie itself (measured here it was faster than Genie, which makes its ratio
-the stricter one). Results: `recon_speed.json` and `.md`.
+report puts Genie's own time per iteration (all 11 units) beside it, so a reader can see how the
+baseline compares with Genie itself. Results: `recon_speed.json` and `.md`; numbers in docs/results.md.
+
+`--model SPEC` times another model's blocks (default the zoo `cifar_resnet20`); `--compare-model SPEC`
+times our reconstruction of a second model in the same repetitions, interleaved, and adds its ms per
+iteration over all units against `--model`'s (`comparison`): e.g. a user-written ResNet-20, whose
+blocks `quant.block_graph` finds by structure, against the zoo one.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import accuracy, report
-from launch.errors import UsageError
+from benchmarks.errors import BenchmarkError
 
-#: PEERS.md: one Genie-M iteration over all 11 units of the ResNet-20, batch 32, on this machine kind
+#: Genie's run (docs/results.md, section Peers): one Genie-M iteration over all 11 units of the ResNet-20, batch 32
 PEER_S_PER_ITER = 0.32
 
 
@@ -163,9 +166,12 @@ def reference_loop(
     return [float(v) for v in history]
 
 
-def block_names(model: nn.Module) -> list[str]:
-    """The residual blocks of a zoo CIFAR ResNet (`layerK.i`), in order."""
-    return [n for n, _ in model.named_modules() if n.count(".") == 1 and n.startswith("layer")]
+def block_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The units our quantizer makes blocks of in `model` (`layerK.i` in a CIFAR ResNet), in order."""
+    from quant.blocks import QuantBlock, build_quantized_twin
+
+    twin, units, _ = build_quantized_twin(model, example, 4, 4, 8)
+    return [n for n in units if isinstance(twin.get_submodule(n), QuantBlock)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -173,6 +179,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--assets", default=None, help="ASSETS.md folder (default $DFQ_ASSETS or ../shared/assets)"
     )
     p.add_argument("--results", default="benchmarks/results")
+    p.add_argument(
+        "--model",
+        default="cifar_resnet20",
+        metavar="SPEC",
+        help="model whose blocks are timed against the Genie-style loop (a quant.models spec); its "
+        "checkpoint from the assets where accuracy.MODELS names one, else random weights",
+    )
+    p.add_argument(
+        "--compare-model",
+        default=None,
+        metavar="SPEC",
+        help="also time our reconstruction of SPEC, interleaved with --model's, and report its ms per "
+        "iteration over all units against --model's (e.g. tests.user_models:resnet20_variant)",
+    )
     p.add_argument("--iters", type=int, default=60, help="iterations timed per block and repetition")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (the best of each is kept)")
     p.add_argument(
@@ -180,47 +200,94 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _load(spec: str, tiny: bool, assets: Path | None) -> tuple[nn.Module, dict, str]:
+    """(model in eval mode, data config, label): in the full form the checkpoint `accuracy.MODELS`
+    names; otherwise random weights with BN statistics from noise (seeded: timing needs no training)."""
+    from quant.models import load_model
+
+    if not tiny and spec in accuracy.MODELS:
+        model, data_config = load_model(spec, checkpoint=str(assets / accuracy.MODELS[spec][0]))
+        return model.eval(), data_config, spec
+    model, data_config = load_model(spec)
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(16, *data_config["input_size"]))
+    return model.eval(), data_config, f"{spec}-random"
+
+
+def _calibration(tiny: bool, data_config: dict, assets: Path | None) -> torch.Tensor:
+    """The full form: 1,024 real CIFAR-10 images for a 32x32 model, else noise; the tiny form: 64 noise."""
+    size = tuple(data_config["input_size"])
+    if tiny:
+        return torch.randn(64, *size, generator=torch.Generator().manual_seed(0))
+    from quant.data import build_transform
+
+    kind = "real" if size == (3, 32, 32) else "noise"
+    return accuracy.calibration(kind, "cifar10", assets, data_config, build_transform(data_config), 1024, 0)[
+        1
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
-    from quant.ptq import QuantConfig, capture, quantize_model
+    import quant
+    from quant.blocks import QuantBlock
+    from quant.capture import capture
 
     if args.iters < 5 and not args.tiny:
-        raise UsageError(f"recon-speed: --iters must be at least 5, got {args.iters}")
+        raise BenchmarkError(f"recon-speed: --iters must be at least 5, got {args.iters}")
     if args.reps < 1:
-        raise UsageError(f"recon-speed: --reps must be at least 1, got {args.reps}")
+        raise BenchmarkError(f"recon-speed: --reps must be at least 1, got {args.reps}")
+    assets = None
     if args.tiny:
         args.iters, args.reps = min(args.iters, 3), 1
         if args.results == "benchmarks/results":
             args.results = tempfile.mkdtemp(prefix="dfq-recon-speed-")
-        model, _ = accuracy.tiny_resnet20()
-        calib = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        name = "cifar_resnet20-random"
     else:
         from benchmarks.splits import assets_dir
-        from quant.data import build_transform
-        from quant.models import load_model
 
         assets = assets_dir(args.assets or os.environ.get("DFQ_ASSETS") or "../shared/assets")
-        model, data_config = load_model(
-            "cifar_resnet20", checkpoint=str(assets / accuracy.MODELS["cifar_resnet20"][0])
-        )
-        _, calib = accuracy.calibration(
-            "real", "cifar10", assets, data_config, build_transform(data_config), 1024, 0
-        )
-        name = "cifar_resnet20"
-    model.eval()  # threads: quantize_model takes every core the process may use; the baseline runs after it
-    names = block_names(model)
+    model, data_config, name = _load(args.model, args.tiny, assets)
+    calib = _calibration(args.tiny, data_config, assets)
+    models = {name: model}
+    if args.compare_model is not None:
+        other, other_config, other_name = _load(args.compare_model, args.tiny, assets)
+        if tuple(other_config["input_size"]) != tuple(data_config["input_size"]):
+            raise BenchmarkError(
+                f"recon-speed: --compare-model takes {tuple(other_config['input_size'])} inputs and "
+                f"--model {tuple(data_config['input_size'])}: they must match"
+            )
+        models[other_name if other_name != name else f"{other_name} (again)"] = other
+    # threads: quantize takes every core the process may use; the baseline runs after it
+    names = block_names(model, calib[:2])
     data = {}
     with torch.no_grad():
         for n in names:
             x, y = capture(model, model.get_submodule(n), calib, outputs=True)
             data[n] = (x, y)
-    config = QuantConfig(wbits=4, abits=4, method="genie-m", iters=args.iters, placement="layer-input")
+    settings = quant.CNNSettings(
+        wbits=4, abits=4, method="genie-m", iters=args.iters, placement="layer-input"
+    )
     ours: dict[str, list[float]] = {n: [] for n in names}
     ref: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.reps):
-        q = quantize_model(model, calib, config, progress=False)
-        for n in names:
-            ours[n].append(q._dfq_meta["seconds_per_iter"][n])
+    whole: dict[str, list[dict]] = {label: [] for label in models}  # all units, per repetition
+    for rep in range(args.reps):
+        for label in list(models)[:: 1 if rep % 2 == 0 else -1]:  # neither model always goes first
+            q = quant.quantize(models[label], calib, settings)
+            units = q.seconds_per_iter
+            blocks = sum(isinstance(q.model.get_submodule(u), QuantBlock) for u in units)
+            whole[label].append(
+                {
+                    "s_per_iter": sum(units.values()),
+                    "units": len(units),
+                    "blocks": blocks,
+                    "seconds": q.seconds,
+                }
+            )
+            if label == name:
+                for n in names:
+                    ours[n].append(units[n])
         for n in names:
             x, y = data[n]
             block = reference_block(model.get_submodule(n), x)
@@ -249,12 +316,33 @@ def run(args: argparse.Namespace) -> int:
         "blocks_ratio": round(total_ours / total_ref, 3),
         "peer_s_per_iter_all_units": PEER_S_PER_ITER,
     }
+    if len(models) > 1:
+        result["comparison"] = comparison(whole, *models)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recon_speed.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "recon_speed.md").write_text(markdown(result) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     return 0
+
+
+def comparison(whole: dict[str, list[dict]], base: str, other: str) -> dict:
+    """Our reconstruction of two models over all their units: per model the best repetition's ms per
+    iteration (per-unit seconds per iteration, summed), its unit and block counts, the fastest
+    `quantize` wall time; and `ratio` = other / base in ms per iteration."""
+
+    def best(label: str) -> dict:
+        rep = min(whole[label], key=lambda r: r["s_per_iter"])
+        return {
+            "model": label,
+            "units": rep["units"],
+            "blocks": rep["blocks"],
+            "ms_per_iter": round(1000 * rep["s_per_iter"], 2),
+            "quantize_s": round(min(r["seconds"] for r in whole[label]), 2),
+        }
+
+    b, o = best(base), best(other)
+    return {"base": b, "other": o, "ratio": round(o["ms_per_iter"] / b["ms_per_iter"], 3)}
 
 
 def markdown(result: dict) -> str:
@@ -274,18 +362,45 @@ def markdown(result: dict) -> str:
         f"| **all blocks** | {1000 * result['blocks_ours_s']:.1f} | {1000 * result['blocks_reference_s']:.1f} "
         f"| **{result['blocks_ratio']:.2f}** |",
         "",
-        f"PEERS.md measured Genie itself at {1000 * result['peer_s_per_iter_all_units']:.0f} ms an iteration "
-        "over all 11 units (its 9 blocks are most of it) on this machine kind in another run.",
+        f"Genie itself took {1000 * result['peer_s_per_iter_all_units']:.0f} ms an iteration over all 11 units "
+        "(its 9 blocks are most of it) in its own run (docs/results.md, section Peers; cpu:AMD EPYC x2), "
+        "not in this one.",
     ]
+    c = result.get("comparison")
+    if c is not None:
+        lines += [
+            "",
+            f"## {c['other']['model']} against {c['base']['model']}",
+            "",
+            "Our reconstruction of both models in the same repetitions (order alternating), all units: "
+            "ms per iteration is the sum of the units' seconds per iteration (best repetition), "
+            "`quantize` s the whole call (captures, calibration, GPTQ start, reconstruction).",
+            "",
+            "| model | units | blocks | ours ms/iter | quantize s |",
+            "|---|---|---|---|---|",
+        ]
+        for m in (c["base"], c["other"]):
+            lines.append(
+                f"| {m['model']} | {m['units']} | {m['blocks']} | {m['ms_per_iter']:.1f} | {m['quantize_s']:.1f} |"
+            )
+        lines += [
+            "",
+            f"Ratio {c['other']['model']} / {c['base']['model']}: **{c['ratio']:.2f}** ms per iteration.",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from quant.errors import QuantError
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     try:
         return run(p.parse_args(argv))
-    except UsageError as err:  # one line and exit code 2, as through `dfq bench recon-speed`
+    except (
+        BenchmarkError,
+        QuantError,
+    ) as err:  # one line and exit code 2, as through `dfq bench recon-speed`
         print(err, file=sys.stderr)
         return 2
 

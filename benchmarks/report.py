@@ -1,4 +1,4 @@
-"""Result files of the benchmarks, in the formats DESIGN.md fixes (so every reader finds the same fields).
+"""Result files of the benchmarks, in the formats benchmarks/README.md fixes (so every reader finds the same fields).
 
 `accuracy.json` is a list of rows keyed by (model, dataset, wbits, abits, calib, method, iters, n_calib):
 a new run replaces its own row and keeps the others. Beside it `accuracy.md` (the table) and
@@ -120,7 +120,7 @@ def today() -> str:
 
 
 def make_row(**fields) -> dict:
-    """A result row with every DESIGN.md field, validated."""
+    """A result row with every accuracy.json field (benchmarks/README.md), validated."""
     row = {k: fields.get(k) for k in ROW_FIELDS}
     row["device"] = row["device"] or device_string()
     row["date"] = row["date"] or today()

@@ -1,4 +1,4 @@
-"""The fixed evaluation and calibration splits of the real assets (ASSETS.md), as functions of the
+"""The fixed evaluation and calibration splits of the real assets (benchmarks/README.md), as functions of the
 assets directory, so every benchmark measures on identical images.
 
 - `cifar10_lossless_eval`: the first 1,017 CIFAR-10 test images, lossless (headline evaluation);
@@ -7,7 +7,7 @@ assets directory, so every benchmark measures on identical images.
 - `imagenet_sample`: one ILSVRC-2012 image per class (1,000).
 
 The assets directory is an argument (default: env var DFQ_ASSETS); nothing here knows where it is.
-Run `python -m benchmarks.splits --assets DIR` to check the fp32 anchors ASSETS.md lists.
+Run `python -m benchmarks.splits --assets DIR` to check the fp32 anchors benchmarks/README.md lists.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def imagenet_sample(assets: str | os.PathLike, transform: Callable | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Check the fp32 anchors of ASSETS.md with this project's loader, transforms and evaluator."""
+    """Check the fp32 anchors of benchmarks/README.md with this project's loader, transforms and evaluator."""
     from quant.data import ArrayImageDataset, build_transform
     from quant.evaluate import evaluate
     from quant.models import load_model

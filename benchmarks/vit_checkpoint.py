@@ -1,4 +1,4 @@
-"""Load the CIFAR-10 ViT checkpoint of ASSETS.md (a from-scratch pre-norm ViT) into timm.
+"""Load the CIFAR-10 ViT checkpoint of benchmarks/README.md (a from-scratch pre-norm ViT) into timm.
 
 The checkpoint's layout (`embedding.*`, `encoder.layers.<i>.*`, separate query/key/value
 projections, LayerNorm `alpha`/`beta`, `mlp_head`) maps one-to-one onto timm's
@@ -18,7 +18,7 @@ from torch import nn
 
 from quant.errors import QuantError
 
-# CIFAR-10 preprocessing of this checkpoint: /255, then these (ASSETS.md).
+# CIFAR-10 preprocessing of this checkpoint: /255, then these (benchmarks/README.md).
 CIFAR_VIT_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_VIT_STD = (0.2470, 0.2435, 0.2616)
 

@@ -1,16 +1,16 @@
-"""`dfq bench vit`: our ViT path against RepQ-ViT (PEERS.md) on the CIFAR-10 ViT, side by side.
+"""`dfq bench vit`: our ViT path against RepQ-ViT (docs/results.md) on the CIFAR-10 ViT, side by side.
 
-The real ViT of ASSETS.md (`cifar10_vit/best_vit_cifar10.pth`, loaded into timm's
-`VisionTransformer`) is quantized by our ViT path (`quant.vit.quantize_vit`, reached through
-`quant.ptq.quantize_model`) at each bit setting, calibrated on one batch of real images: 64 by
+The real CIFAR-10 ViT (benchmarks/README.md; `cifar10_vit/best_vit_cifar10.pth`, loaded into timm's
+`VisionTransformer`) is quantized by our ViT path (`quant.quantize`, which sends it to
+the transformer path) at each bit setting, calibrated on one batch of real images: 64 by
 default (`--draw-size`; our path's default), or 32 as the peer was. Calibration from a single batch
 varies from batch to batch, so each setting runs on several batches ("draws"): draw k is images
-S*k .. S*k+S-1 of the ASSETS.md calibration draw for draw size S, in drawn order (draw 0 of size 32
+S*k .. S*k+S-1 of the real calibration draw (benchmarks/README.md) for draw size S, in drawn order (draw 0 of size 32
 is the peer's batch; of size 64 it holds the peer's batch and the next 32 images). Evaluation: the
 lossless 1,017 slice and the JPEG 7,959 set.
 
 Rows (one per bits x draw x evaluation set, plus fp32) go to accuracy.json with an extra `draw`
-field; `vit_compare.md` puts the mean (min-max) over draws next to the PEERS.md figures and
+field; `vit_compare.md` puts the mean (min-max) over draws next to the peer's figures and
 `vit_compare.json` holds the same numbers with the machine and date.
 
 `--tiny` is the CI form: a random small timm ViT and random tensors, one setting, one draw, results
@@ -31,28 +31,30 @@ import torch
 from benchmarks import accuracy, report
 
 MODEL = "cifar10_vit"
-METHOD = "repq-vit"  # DESIGN.md's method name for this path (RepQ-ViT-style calibration, no iterations)
+METHOD = "repq-vit"  # accuracy.json's method name for this path (RepQ-ViT-style calibration, no iterations)
 CHECKPOINT = "cifar10_vit/best_vit_cifar10.pth"
-#: the peer's calibration batch (RepQ-ViT: 32 images) and our default (`quant.vit.ViTQuantSettings`)
+#: the peer's calibration batch (RepQ-ViT: 32 images) and our default (`quant.TransformerSettings.calib_size`)
 PEER_DRAW_SIZE = 32
 DRAW_SIZE = 64
 LOSSLESS, JPEG = "cifar10-lossless-1017", "cifar10-jpeg-7959"
 BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4), "W3A3": (3, 3)}
 
-#: PEERS.md, RepQ-ViT on this ViT, one 32-image batch (draw 0): bits -> (lossless, JPEG, seconds).
+#: RepQ-ViT on this ViT (docs/results.md, section Peers), one 32-image batch (draw 0): bits -> (lossless, JPEG, seconds).
 PEER = {
     "fp32": (71.88, 69.66, None),
     "W8A8": (71.19, 69.62, 7.2),
     "W6A6": (70.99, 69.47, 7.2),
     "W4A4": (69.71, 69.04, 7.1),
 }
-#: PEERS.md: W4A4 on four other 32-image batches of the draw (lossless range, JPEG range).
+#: RepQ-ViT's W4A4 on four other 32-image batches of the draw (lossless range, JPEG range).
 PEER_W4A4_OTHER_BATCHES = ((69.03, 70.60), (68.80, 69.17))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--assets", default=None, help="ASSETS.md folder (default $DFQ_ASSETS or ../shared/assets)"
+        "--assets",
+        default=None,
+        help="assets folder, laid out as benchmarks/README.md describes (default $DFQ_ASSETS or ../shared/assets)",
     )
     p.add_argument("--results", default="benchmarks/results", help="where accuracy.json and vit_compare.* go")
     p.add_argument("--bits", default="W8A8,W6A6,W4A4,W3A3", help=f"comma list of {', '.join(BITS)}")
@@ -69,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib",
         default="real",
-        help="real (the ASSETS.md draw) or <label>=<pool dir>, e.g. bn-distill=pool/ (draws from the pool)",
+        help="real (the calibration draw of benchmarks/README.md) or <label>=<pool dir>, e.g. bn-distill=pool/ (draws from the pool)",
     )
     p.add_argument(
         "--recon-iters", type=int, default=0, help="block reconstruction iterations per block (0: none)"
@@ -121,7 +123,7 @@ def _materialise(data, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tenso
 
 
 def calibration_draws(assets: Path, transform, draws: int, size: int = DRAW_SIZE) -> list[torch.Tensor]:
-    """The first `draws` consecutive `size`-image slices of the ASSETS.md calibration draw (drawn order)."""
+    """The first `draws` consecutive `size`-image slices of the real calibration draw (drawn order)."""
     from benchmarks import splits
 
     if size < 1 or draws < 1:
@@ -159,15 +161,13 @@ def run_settings(
     `input_grid` (preprocess when `input_range` fixes the patch-embedding input grid, else calibrated)
     and `head_rotation` (hadamard or none).
     """
-    from quant.ptq import QuantConfig
+    import quant
 
     fp = accuracy.fp_scores(model, evals)
     rows = accuracy.fp_rows(model_name, fp)
     merged = _write(results, rows, calib_label)
     for name in bits:
         wbits, abits = BITS[name]
-        # The ViT path calibrates without iterations; `method`/`iters` of the CNN config are unused.
-        config = QuantConfig(wbits=wbits, abits=abits, method="rtn", iters=0, seed=seed, device=device)
         for k, calib in enumerate(draws):
             extra = {
                 "weight_rounding": weight_rounding,
@@ -178,18 +178,13 @@ def run_settings(
             extra["calib_images"] = size
             if recon_iters:
                 calib = _draw_first(calib, pool, k)
-            seconds, scores, qmodel = _quantize_and_evaluate(
-                model,
-                calib,
-                config,
-                recon_iters,
-                evals,
-                calib_size=size,
-                gptq=weight_rounding == "gptq",
-                input_range=input_range,
-                rotate_heads=head_rotation == "hadamard",
-            )
-            seconds = getattr(qmodel, "calibration_seconds", seconds)
+            settings = quant.TransformerSettings(
+                wbits=wbits, abits=abits, seed=seed, device=device, calib_size=size, iters=recon_iters,
+                gptq=weight_rounding == "gptq", input_range=input_range, rotate_heads=head_rotation == "hadamard",
+            )  # fmt: skip
+            scores, qmodel = _quantize_and_evaluate(model, calib, settings, evals)
+            # calibration time alone, as the peer's figure; with reconstruction, everything
+            seconds = qmodel.seconds if recon_iters else qmodel.calibration_seconds
             new = accuracy.rows_for(
                 model_name, fp, scores, wbits=wbits, abits=abits, calib=calib_label, method=METHOD,
                 n_calib=int(calib.shape[0]), iters=recon_iters, seconds=round(seconds, 2), draw=k, **extra,
@@ -217,36 +212,15 @@ def _draw_first(draw: torch.Tensor, pool: torch.Tensor | None, k: int) -> torch.
     return torch.cat([pool[lo:hi], pool[:lo], pool[hi:]])
 
 
-def _quantize_and_evaluate(
-    model,
-    calib: torch.Tensor,
-    config,
-    iters: int,
-    evals: dict,
-    calib_size: int = DRAW_SIZE,
-    gptq: bool = True,
-    input_range: tuple[float, float] | None = None,
-    rotate_heads: bool = True,
-) -> tuple:
-    """RepQ-ViT calibration on calib[:calib_size] (heads rotated first if `rotate_heads`, GPTQ rounding if
-    `gptq`), then `iters` reconstruction iterations a block on all of calib (starting from GPTQ's
-    rounding if `gptq`)."""
-    import time
-    from types import SimpleNamespace
-
+def _quantize_and_evaluate(model, calib: torch.Tensor, settings, evals: dict) -> tuple:
+    """(scores on `evals` with fidelity to `model`, quantized model): the transformer path on `calib`
+    (its first `settings.calib_size` images calibrate; reconstruction, if any, reads all)."""
+    import quant
     from quant.evaluate import evaluate
-    from quant.vit import quantize_vit
 
-    settings = SimpleNamespace(
-        wbits=config.wbits, abits=config.abits, seed=config.seed, device=config.device,
-        calib_size=calib_size, recon_iters=iters, recon_images=int(calib.shape[0]), gptq=gptq,
-        input_range=input_range, rotate_heads=rotate_heads,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    qmodel = quantize_vit(model, calib, settings)
-    seconds = time.perf_counter() - t0
+    qmodel = quant.quantize(model, calib, settings)
     scores = {name: evaluate(qmodel, data, progress=False, reference=model) for name, data in evals.items()}
-    return seconds, scores, qmodel
+    return scores, qmodel
 
 
 def fp_line(fp: dict) -> str:
@@ -341,15 +315,15 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         key=lambda n: (order.index(n.split(" ")[0]) if n.split(" ")[0] in order else len(order), n),
     )
     lines = [
-        f"# Side by side with RepQ-ViT (PEERS.md), {model_name}",
+        f"# Side by side with RepQ-ViT, {model_name}",
         "",
-        "Ours: `quant.vit.quantize_vit` (per-head Hadamard rotation of q and k folded into the qkv weights,",
+        "Ours: `quant.quantize`'s transformer path (per-head Hadamard rotation of q and k folded into the qkv weights,",
         "per-channel weights, per-channel post-LayerNorm activations folded into the LayerNorm and next",
         "Linear, log post-softmax grid, patch-embedding weights and input and head weights at 8 bits, GPTQ",
         f"weight rounding), calibrated on one batch of {DRAW_SIZE} real images (our default), no iterations;",
         f"`{PEER_DRAW_SIZE}-image` rows on batches of {PEER_DRAW_SIZE} as the peer was; `nearest` rows round weights to",
         "nearest as RepQ-ViT does, `unrotated` rows keep the weights as given. Each setting runs on several",
-        "batches: draw k is images S*k..S*k+S-1 of the ASSETS.md calibration draw for batches of S (draw 0",
+        "batches: draw k is images S*k..S*k+S-1 of the calibration draw (benchmarks/README.md) for batches of S (draw 0",
         f"of {PEER_DRAW_SIZE} is the peer's batch; draw 0 of {DRAW_SIZE} holds it and the next {DRAW_SIZE - PEER_DRAW_SIZE}). "
         "Cells: mean (min-max)",
         "of top-1 over the draws; the peer's figure is its single run on draw 0. Calibration seconds: ours",
@@ -406,11 +380,11 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "",
         "Notes:",
         "",
-        "- RepQ-ViT did not measure W3A3 on this ViT (PEERS.md), so that row has no peer figure.",
+        "- RepQ-ViT was not run at W3A3 on this ViT, so that row has no peer figure.",
         "- Plain bits rows: q and k rotated per head (`quant.vit.rotate`, the default) and GPTQ weight rounding",
         "  (`quant.vit.gptq`, the default) on the same images and grids; `nearest` rows: round-to-nearest",
         "  weights (RepQ-ViT's rounding); `unrotated` rows: without the rotation (rows measured before it).",
-        f"- PEERS.md: RepQ-ViT's W4A4 on four other 32-image batches gave {lo_l:.2f}-{hi_l:.2f} on the",
+        f"- RepQ-ViT's W4A4 (docs/results.md, section Peers) on four other 32-image batches gave {lo_l:.2f}-{hi_l:.2f} on the",
         f"  lossless slice and {lo_j:.2f}-{hi_j:.2f} on the JPEG set; its single draw-0 figure is one",
         "  sample of that spread, so compare our mean and range with it, not one draw.",
         *(
@@ -429,7 +403,7 @@ def compare_markdown(rows: list[dict], model_name: str, calib_label: str = "real
         "  CIFAR-10 model (the ResNet-20) instead: see 'Other calibration sources' below when present.",
         "- Calibration seconds are the wall time of our calibration (copy, convert, one forward pass over",
         "  the draw's images, re-parameterization, GPTQ where used) on the machine above; the peer's ~7 s are",
-        "  from PEERS.md.",
+        "  from its runs here (docs/results.md, section Peers).",
         "",
     ]
     return "\n".join(lines)

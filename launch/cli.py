@@ -55,7 +55,11 @@ def _version() -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UsageError]
-    for module, name in (("engine.errors", "EngineError"), ("quant.errors", "QuantError")):
+    for module, name in (
+        ("engine.errors", "EngineError"),
+        ("quant.errors", "QuantError"),
+        ("benchmarks.errors", "BenchmarkError"),
+    ):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -11,12 +11,12 @@ import importlib
 
 BENCHMARKS = {
     "accuracy": ("benchmarks.accuracy", "accuracy table: fp32/W8A8/W4A4/W3A3/W2A4 per calibration source"),
-    "peer": ("benchmarks.peer_compare", "side by side with Genie (PEERS.md) on CIFAR-10 ResNet-20"),
+    "peer": ("benchmarks.peer_compare", "side by side with Genie on CIFAR-10 ResNet-20"),
     "recon-speed": (
         "benchmarks.recon_speed",
         "reconstruction ms/iteration: ours against a Genie-style loop, same run",
     ),
-    "vit": ("benchmarks.vit_compare", "side by side with RepQ-ViT (PEERS.md) on the CIFAR-10 ViT"),
+    "vit": ("benchmarks.vit_compare", "side by side with RepQ-ViT on the CIFAR-10 ViT"),
     "gen": ("benchmarks.gen_throughput", "generation img/s: plain diffusers vs our worker"),
     "scaling": ("benchmarks.gen_scaling", "generation img/s against the number of Ray actors"),
 }

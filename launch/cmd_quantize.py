@@ -1,8 +1,8 @@
 """`dfq quantize`: calibrate a model on a pool (or real images, or noise), evaluate it, save it.
 
-A thin layer over `quant`: load_model -> load_calibration -> quantize_model -> evaluate -> save.
+A thin layer over `quant`: load_model -> load_calibration -> quant.quantize -> evaluate -> save.
 Everything that can be checked is checked before the first image is read (bits, method, paths,
-model spec), so a mistake costs a one-line error, not a half-run.
+model spec, settings), so a mistake costs a one-line error, not a half-run.
 """
 
 from __future__ import annotations
@@ -15,12 +15,25 @@ from pathlib import Path
 
 from launch.argtypes import area_fraction, bits, nonnegative_int, positive_int
 
+#: flags that set a setting of one path only: (flag, settings field, family)
+_PATH_FLAGS = (
+    ("--placement", "placement", "cnn"),
+    ("--equalize", "equalize", "cnn"),
+    ("--gptq-start", "gptq_start", "cnn"),
+    ("--batch-size", "batch_size", "cnn"),
+    ("--calib-size", "calib_size", "transformer"),
+    ("--input-grid", None, "transformer"),
+)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from quant.methods import METHODS, methods_help
+
     p = sub.add_parser(
         "quantize",
         help="calibrate a CNN/ViT on a pool or real images and evaluate it",
-        description="Quantize a model with block reconstruction (CNNs) or RepQ-ViT calibration (ViTs).",
+        description="Quantize a model: block reconstruction for CNNs, RepQ-ViT-style calibration for "
+        "transformers (chosen from the model). Methods: " + methods_help() + ".",
     )
     p.add_argument("--model", required=True, help="zoo name, timm name, tv:<name> or module:factory")
     p.add_argument("--checkpoint", help="state dict to load into the model")
@@ -55,51 +68,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--first-last-bits", type=bits, default=8, help="first conv / last linear bits (default 8)"
     )
-    p.add_argument("--method", default="genie-m", choices=["rtn", "brecq", "adaround", "qdrop", "genie-m"])
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        help="a named preset (default: genie-m for CNNs, repq-vit for transformers)",
+    )
+    p.add_argument(
+        "--iters",
+        "--vit-recon-iters",
+        dest="iters",
+        type=nonnegative_int,
+        help="reconstruction iterations per block (default: the method's: 20000 for CNN methods but "
+        "rtn, 0 for repq-vit, i.e. calibration alone)",
+    )
     p.add_argument(
         "--placement",
-        default="block-output",
         choices=["block-output", "layer-input"],
-        help="CNN activation quantizers: on every stored block output, residual stream included "
+        help="CNNs: activation quantizers on every stored block output, residual stream included "
         "(QDrop, default), or on conv/linear inputs only, identity skips in float (Genie)",
     )
     p.add_argument(
         "--equalize",
         action="store_true",
+        default=None,
         help="CNNs: cross-layer equalize conv pairs after BN folding (helps depthwise nets at 8 bits)",
-    )
-    p.add_argument(
-        "--iters", type=nonnegative_int, default=20000, help="CNN reconstruction iterations per block"
     )
     p.add_argument(
         "--gptq-start",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="CNNs: learned rounding starts from GPTQ's compensated weights (default); --no-gptq-start: "
         "from each layer's own weights rounded to nearest",
     )
     p.add_argument(
-        "--vit-recon-iters",
-        type=nonnegative_int,
-        default=0,
-        help="transformers: block reconstruction iterations on top of RepQ-ViT calibration (default 0: none)",
-    )
-    p.add_argument(
+        "--calib-size",
         "--vit-calib-size",
+        dest="calib_size",
         type=positive_int,
-        default=64,
         help="transformers: images (the first of --n-calib) the RepQ-ViT calibration reads (default 64; "
         "RepQ-ViT used 32)",
     )
     p.add_argument(
         "--input-grid",
         choices=["auto", "calibrated", "preprocess"],
-        default="auto",
         help="transformers: patch-embedding input grid fitted to the calibration images, or covering "
-        "the input range the model's normalization allows (auto: preprocess for pools and noise, "
-        "which may not span it, calibrated for real images)",
+        "the input range the model's normalization allows (default auto: preprocess for pools and "
+        "noise, which may not span it, calibrated for real images)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, help="CNNs: reconstruction batch (default 32)")
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
     p.add_argument("--eval-batch-size", type=positive_int, default=256)
     p.add_argument("--out", required=True, help="output directory (quantized.pt, result.json)")
@@ -135,9 +150,46 @@ def _check_out(out: Path) -> None:
         raise QuantError(f"cannot create output directory {out}: {parent} is not writable")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _settings(args: argparse.Namespace, family: str, input_range: tuple[float, float] | None):
+    """The path's settings from the flags; a flag of the other path is refused in one line."""
+    from quant import settings_for
+    from quant.errors import QuantError
 
+    values: dict = {}
+    for flag, field, flag_family in _PATH_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if flag_family != family:
+            raise QuantError(f"{flag} applies to {flag_family}s; {args.model} is a {family}")
+        if field is not None:
+            values[field] = value
+    if family == "transformer" and input_range is not None:
+        values["input_range"] = input_range
+    if args.iters is not None:
+        values["iters"] = args.iters
+    return settings_for(
+        family,
+        args.method,
+        wbits=args.wbits,
+        abits=args.abits,
+        first_last_bits=args.first_last_bits,
+        seed=args.seed,
+        device=args.device,
+        **values,
+    )
+
+
+def _method_label(settings) -> str:
+    """The method as result rows name it (the transformer path's options as `+` suffixes)."""
+    if settings.method != "repq-vit":
+        return settings.method
+    label = "repq-vit" + ("+rot" if settings.rotate_heads else "")
+    return label + ("+genie-m" if settings.iters else "+gptq" if settings.gptq else "")
+
+
+def run(args: argparse.Namespace) -> int:
+    import quant
     from quant.data import (
         augment_calibration,
         build_transform,
@@ -151,24 +203,8 @@ def run(args: argparse.Namespace) -> int:
     from quant.errors import QuantError
     from quant.evaluate import evaluate
     from quant.models import load_model
-    from quant.ptq import QuantConfig, quantize_model, save_quantized
     from quant.reader import shard_urls
 
-    config = QuantConfig(
-        wbits=args.wbits,
-        abits=args.abits,
-        method=args.method,
-        iters=args.iters,
-        batch_size=args.batch_size,
-        first_last_bits=args.first_last_bits,
-        placement=args.placement,
-        equalize=args.equalize,
-        gptq_start=args.gptq_start,
-        vit_recon_iters=args.vit_recon_iters,
-        vit_calib_size=args.vit_calib_size,
-        seed=args.seed,
-        device=args.device,
-    )
     if args.augment_cutmix > 0 and args.augment == 1:
         raise QuantError(
             f"--augment-cutmix {args.augment_cutmix} mixes augmented copies: give --augment N > 1 too"
@@ -183,10 +219,11 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out)  # created only once there is something to write: a refused run leaves nothing
 
     model, data_config = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    family = quant.model_family(model)
+    real_images = not (from_pool or args.calib == "noise")
+    input_grid = input_grid_for(args.input_grid or "auto", real_images=real_images)
+    settings = _settings(args, family, input_range(data_config) if input_grid == "preprocess" else None)
     transform = build_transform(data_config)
-    input_grid = input_grid_for(args.input_grid, real_images=not (from_pool or args.calib == "noise"))
-    if input_grid == "preprocess":
-        config.input_range = input_range(data_config)
     progress = not args.no_progress
 
     start = time.perf_counter()
@@ -196,20 +233,15 @@ def run(args: argparse.Namespace) -> int:
         calib = load_calibration(args.calib, transform, args.n_calib, seed=args.seed)
     n_calib = int(calib.shape[0])
     calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
-    qmodel = quantize_model(model, calib, config, progress=progress)
+    spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
+    qmodel = quant.quantize(model, calib, settings, model_spec=spec, progress=progress)
     seconds = time.perf_counter() - start
 
-    vit = not hasattr(qmodel, "_dfq_meta")  # the transformer path (RepQ-ViT calibration)
-    if vit:
-        method, iters = (
-            ("repq-vit+rot+genie-m" if args.vit_recon_iters else "repq-vit+rot+gptq"),
-            args.vit_recon_iters,
-        )
-    else:
-        method, iters = args.method, (args.iters if args.method != "rtn" else 0)
+    cnn = family == "cnn"
     result: dict = {
         "model": args.model,
         "checkpoint": args.checkpoint,
+        "family": family,
         "calib": args.calib,
         "n_calib": n_calib,
         "augment": args.augment,
@@ -217,13 +249,13 @@ def run(args: argparse.Namespace) -> int:
         "wbits": args.wbits,
         "abits": args.abits,
         "first_last_bits": args.first_last_bits,
-        "method": method,
-        "placement": None if vit else args.placement,
-        "equalize": None if vit else args.equalize,
-        "gptq_start": None if vit else args.gptq_start,
-        "input_grid": input_grid if vit else None,
-        "calib_images": min(n_calib * args.augment, args.vit_calib_size) if vit else None,
-        "iters": iters,
+        "method": _method_label(settings),
+        "placement": settings.placement if cnn else None,
+        "equalize": settings.equalize if cnn else None,
+        "gptq_start": settings.gptq_start if cnn else None,
+        "input_grid": None if cnn else input_grid,
+        "calib_images": None if cnn else min(n_calib * args.augment, settings.calib_size),
+        "iters": settings.iters,
         "seconds": round(seconds, 2),
         "device": args.device,
         "date": _dt.date.today().isoformat(),
@@ -249,18 +281,11 @@ def run(args: argparse.Namespace) -> int:
             fp_agree=q["agree"],  # percent of images whose top-1 is the fp model's
             fp_kl=q["kl"],  # mean KL(fp || quantized), nats
         )
-    spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise QuantError(f"cannot create output directory {out}: {e.strerror}") from None
-    if not vit:
-        save_quantized(qmodel, config, out / "quantized.pt", spec)
-    else:  # transformer path: the fake-quant state dict with the config beside it
-        torch.save(
-            {"config": vars(config), "model_spec": spec, "state_dict": qmodel.state_dict()},
-            out / "quantized.pt",
-        )
+    qmodel.save(out / "quantized.pt")
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0

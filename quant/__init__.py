@@ -1,4 +1,29 @@
-"""`quant`: post-training quantization of CNNs and ViTs calibrated on shard pools (SHARDS.md).
+"""`quant`: post-training quantization of CNNs and vision transformers calibrated on shard pools.
 
-It never imports `engine`: the two share only the shard format.
+The front door is `quantize(model, calib, settings=None) -> QuantizedModel` (`quant.api`); `load`
+reads back what `QuantizedModel.save` wrote. Methods are named presets (`METHODS`) of each path's
+settings (`CNNSettings`, `TransformerSettings`). It never imports `engine`: the two share only the
+shard format (SHARDS.md).
 """
+
+from .api import QuantizedModel, load, method_settings, model_family, quantize, settings_for
+from .cnn import CNNSettings
+from .data import build_transform, load_calibration
+from .errors import QuantError
+from .methods import METHODS
+from .vit import TransformerSettings
+
+__all__ = [
+    "METHODS",
+    "CNNSettings",
+    "QuantError",
+    "QuantizedModel",
+    "TransformerSettings",
+    "build_transform",
+    "load",
+    "load_calibration",
+    "method_settings",
+    "model_family",
+    "quantize",
+    "settings_for",
+]

@@ -6,9 +6,10 @@ A *unit* is what block reconstruction optimises at once (BRECQ/QDrop/Genie):
   conv(+BN folded)+act steps with an activation quantizer after every intra-block activation, an
   optional shortcut (identity, option-A padding, or a quantized downsample conv), the activation after
   the add, and an output quantizer where the block's output would be stored (QDrop placement).
-  Recognised: `quant.zoo` CIFAR `BasicBlock` and MobileNetV1 `DepthwiseSeparable`; timm `BasicBlock`,
-  `Bottleneck`, `InvertedResidual`, `DepthwiseSeparableConv`; torchvision `BasicBlock`, `Bottleneck`,
-  `InvertedResidual`.
+  Known by class: `quant.zoo` CIFAR `BasicBlock` and MobileNetV1 `DepthwiseSeparable`; timm
+  `BasicBlock`, `Bottleneck`, `InvertedResidual`, `DepthwiseSeparableConv`; torchvision `BasicBlock`,
+  `Bottleneck`, `InvertedResidual`. Any other module whose traced graph is such a block (a user's own
+  ResNet block, say) is found by structure (`quant.block_graph`).
 - any other conv or linear layer, as `QuantLayerUnit` (the generic fallback, Genie-style): the layer
   with a quantizer on its *input*, added only where that input is not already quantized by the unit
   before it (e.g. after a functional ReLU or a pooling).
@@ -30,7 +31,7 @@ from torch import nn
 
 from .equalize import equalize as equalize_layers
 from .fold import fold_batchnorm, set_submodule
-from .modules import QuantAct, QuantConv2d, QuantLinear, quantize_layer
+from .modules import QuantAct, QuantConv2d, QuantLinear, cnn_weight_quantizer, quantize_layer
 
 Step = tuple[nn.Conv2d, "nn.Module | None"]
 
@@ -228,17 +229,29 @@ def _recognisers() -> list[tuple[type, object]]:
     return found
 
 
-def is_block(module: nn.Module) -> bool:
-    """Whether `module` is of a block type we rewrite (exact type match: subclasses may differ)."""
-    return any(type(module) is cls for cls, _ in _recognisers())
+def is_block(module: nn.Module, structural: bool = False) -> bool:
+    """Whether `module` is of a block type we rewrite (exact type match: subclasses may differ), or,
+    with `structural`, has a block's graph (`quant.block_graph`). The twin's root is asked without it:
+    a whole model is never matched by structure."""
+    if any(type(module) is cls for cls, _ in _recognisers()):
+        return True
+    if not structural:
+        return False
+    from .block_graph import structural_recipe
+
+    return structural_recipe(module) is not None
 
 
 def block_recipe(module: nn.Module):
-    """(steps, shortcut, post_act) for a recognised block type, else None."""
+    """(steps, shortcut, post_act) for a recognised block type; for any other module, what its traced
+    graph gives if it is a residual or separable block (`quant.block_graph`); else None. A recognised
+    type whose recipe declines (an SE or drop-block variant) is not read by structure."""
     for cls, recipe in _recognisers():
         if type(module) is cls:
             return recipe(module)
-    return None
+    from .block_graph import structural_recipe
+
+    return structural_recipe(module)
 
 
 # -- building the twin ------------------------------------------------------------------------
@@ -315,7 +328,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> list[UnitInfo]:
 def _set_unit_wbits(unit: nn.Module, bits: int) -> None:
     for m in unit.modules():
         if isinstance(m, (QuantConv2d, QuantLinear)):
-            m.wq = type(m.wq)(bits, signed=True, ch_axis=0, symmetric=False, init="mse")
+            m.weight_quantizer = cnn_weight_quantizer(bits)
 
 
 def build_quantized_twin(
@@ -326,7 +339,7 @@ def build_quantized_twin(
     first_last_bits: int | None,
     placement: str = "block-output",
     equalize: bool = False,
-) -> tuple[nn.Module, list[str]]:
+) -> tuple[nn.Module, list[str], list[bool]]:
     """Deep-copy `model`, fold BN, rewrite blocks/layers into quantized units (all quantizers off).
 
     `equalize` cross-layer equalizes conv pairs after folding (`quant.equalize`).
@@ -337,8 +350,9 @@ def build_quantized_twin(
     which is gentler at low activation bits and is what Genie's code does on models whose shortcut is
     not an `nn.Identity` module (e.g. the CIFAR ResNets).
 
-    Returns the twin and its unit names in execution order. Deterministic for a given architecture,
-    input shape and placement, so `load_quantized` rebuilds exactly the module tree that was saved.
+    Returns the twin, its unit names in execution order, and for each unit whether its input is
+    exactly the previous unit's output (`quant.capture.walk_units` chains those). Deterministic for a
+    given architecture, input shape and placement, so `quant.load` rebuilds the tree that was saved.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown activation placement {placement!r}: use {' or '.join(PLACEMENTS)}")
@@ -373,8 +387,7 @@ def build_quantized_twin(
     _set_unit_wbits(twin.get_submodule(order[0].name), fl_w)
     _set_unit_wbits(twin.get_submodule(order[-1].name), fl_w)
     twin.requires_grad_(False)
-    twin._dfq_chained = [info.chained for info in order]  # type: ignore[attr-defined]
-    return twin, [info.name for info in order]
+    return twin, [info.name for info in order], [info.chained for info in order]
 
 
 def _replace_quant(root: nn.Module, name: str, bits: int) -> None:

@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from . import reader
 from .errors import QuantError
+from .reader import _manifest_path, calibration_dataset, iter_calibration
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -206,7 +206,7 @@ def _is_pool(source: str) -> bool:
     if "://" in source:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(reader._manifest_path(source))
+        fs, path = fsspec.core.url_to_fs(_manifest_path(source))
         return fs.exists(path)
     return source.endswith("manifest.json") or os.path.isfile(os.path.join(source, "manifest.json"))
 
@@ -236,7 +236,7 @@ def open_dataset(source: str, transform: Callable | None) -> Dataset:
     """
     kind = source_kind(source)
     if kind == "pool":
-        return reader.calibration_dataset(source, transform or (lambda im: im))
+        return calibration_dataset(source, transform or (lambda im: im))
     if kind == "folder":
         from torchvision.datasets import ImageFolder
 
@@ -258,7 +258,7 @@ def load_calibration(source: str, transform: Callable, n: int, seed: int = 0) ->
     if n < 1:
         raise QuantError(f"number of calibration images must be >= 1, got {n}")
     if source_kind(source) == "pool":
-        images = [x for x, _ in reader.iter_calibration(source, transform, n)]
+        images = [x for x, _ in iter_calibration(source, transform, n)]
         if len(images) < n:
             raise QuantError(f"asked for {n} calibration images but {source} has only {len(images)}")
         return torch.stack(images)
@@ -290,13 +290,9 @@ def augment_calibration(
     iteration block reconstruction at batch 32, and the rounding fits those images' block outputs
     rather than the layer's function. Copies that the float model maps as it would the original
     (the training augmentation of CIFAR and ImageNet classifiers) widen the inputs the block
-    outputs are matched on, with no new information and at the same cost per iteration. On the
-    CIFAR-10 ResNet-20, W4A4 genie-m from a 256-image distilled pool, seeds 0/1/2, JPEG set:
-    79.68 / 79.80 / 80.15 without copies, 79.98 / 80.05 / 80.19 with 4, 80.27 / 79.98 / 80.21 with 8.
-    Cut-and-paste mixing (MixMix's data mixing, CutMix's boxes) adds inputs no single image gives:
-    on five pools (one per seed, 8 copies), a scratch run of `cutmix=0.5` gave 80.18 on the JPEG set
-    against 80.02 without, but `dfq bench peer --distill-cutmix 0.5` on the same pools 79.92: neutral
-    within the seed-to-seed spread, so it is off by default.
+    outputs are matched on, with no new information and at the same cost per iteration.
+    Cut-and-paste mixing (MixMix's data mixing, CutMix's boxes) adds inputs no single image gives;
+    it measured neutral, so it is off by default (docs/notes.md).
     Deterministic in (`images`, `copies`, `seed`, `cutmix`); the originals come first and unchanged.
     """
     if copies < 1:

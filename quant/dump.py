@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import reader
 from .data import build_transform, open_dataset, source_kind
 from .errors import QuantError
+from .reader import iter_samples
 
 SUFFIXES = (".npy", ".npz", ".pt")
 
@@ -63,7 +63,7 @@ def iter_source(
         raise QuantError("a transform (or a data config dict) is needed to turn images into tensors")
     source = str(source)
     if source_kind(source) == "pool":
-        for i, sample in enumerate(reader.iter_samples(source)):
+        for i, sample in enumerate(iter_samples(source)):
             if n is not None and i >= n:
                 return
             if "cls" not in sample:

@@ -3,8 +3,8 @@
 Why: after BN folding, a depthwise conv can carry per-channel gains that differ by 100x (a BN with a
 tiny running variance), and the conv that feeds it then produces a channel whose values are 100x
 smaller than its neighbours. A per-tensor activation grid rounds that channel to one or two levels
-and the depthwise gain amplifies the error: on the ImageNet MobileNetV1 x0.25 of ASSETS.md a single
-8-bit activation quantizer (the stem's output) alone flips 23% of the predictions.
+and the depthwise gain amplifies the error (on MobileNetV1 x0.25 one 8-bit activation grid alone
+flips a fifth of the predictions: docs/notes.md).
 
 For two convs joined by a positively homogeneous activation (`f(x / s) = f(x) / s` for `s > 0`:
 ReLU, LeakyReLU, or none), scaling output channel `i` of the first by `1 / s_i` and input channel `i`

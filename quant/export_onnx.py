@@ -1,6 +1,6 @@
 """Export to ONNX: the float model, and our own fake-quantized CNN or ViT as a QDQ graph.
 
-`export_qdq` writes the grids `quant.ptq.quantize_model` calibrated, as the QDQ convention every
+`export_qdq` writes the grids `quant.quantize` calibrated, as the QDQ convention every
 ONNX backend reads (ONNX Runtime, TensorRT, OpenVINO):
 
 - each quantized conv/linear weight is an int8 (signed grid) or uint8 initializer holding the
@@ -44,6 +44,8 @@ from .errors import QuantError
 from .fold import set_submodule
 from .modules import QuantAct, QuantConv2d, QuantLinear
 from .quantizers import UniformQuantizer
+from .vit.layers import QuantMatMul
+from .vit.quantizers import LogQuantizer
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 17  # QuantizeLinear per-axis needs 13; 17 is what every current backend reads
@@ -201,7 +203,7 @@ def _integer_weight(
     layer: nn.Module, name: str, wq: UniformQuantizer | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """(integer weight, scale, zero point, qmin, qmax) of the weight the layer's forward uses
-    (its AdaRound decision if it has one, else nearest rounding on `wq`, default `layer.wq`)."""
+    (its AdaRound decision if it has one, else nearest rounding on `wq`, default the layer's own)."""
     w = layer.weight.detach().float()
     if layer.ada is not None:
         ada = layer.ada
@@ -212,7 +214,7 @@ def _integer_weight(
     else:
         if wq is None:
             layer.calibrate_weight()
-            wq = layer.wq
+            wq = layer.weight_quantizer
         scale, zp = wq.shaped(w)
         scale, zp, qmin, qmax = scale.detach(), zp.detach(), wq.qmin, wq.qmax
         q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax)
@@ -304,12 +306,17 @@ def qdq_copy(qmodel: nn.Module) -> tuple[nn.Module, int, int]:
             else:
                 set_submodule(model, name, nn.Identity())
         elif isinstance(module, (QuantConv2d, QuantLinear)):
-            handled.update(id(m) for q in (module.wq, module.ada) if q is not None for m in q.modules())
-            if module.quant_weight and module.wq.enabled:
+            parts = (module.weight_quantizer, module.ada, module.input_quantizer)
+            handled.update(id(m) for q in parts if q is not None for m in q.modules())
+            if module.quant_weight and module.weight_quantizer.enabled:
                 _attach_weight_dq(module, name)
                 n_weights += 1
-    vit_w, vit_a = _vit_to_qdq(model, handled)
-    n_weights, n_acts = n_weights + vit_w, n_acts + vit_a
+            if module.input_quantizer is not None and module.quant_act:
+                n_acts += _act_to_qdq(module, "input_quantizer", name)
+        elif isinstance(module, QuantMatMul):
+            handled.update(id(m) for m in module.modules())
+            if module.quant_act:
+                n_acts += _act_to_qdq(module, "quantizer_a", name) + _act_to_qdq(module, "quantizer_b", name)
     others = [n for n, m in model.named_modules() if _is_quantizer(m) and id(m) not in handled]
     if others:
         raise QuantError(
@@ -319,48 +326,15 @@ def qdq_copy(qmodel: nn.Module) -> tuple[nn.Module, int, int]:
     return model, n_weights, n_acts
 
 
-def _vit_to_qdq(model: nn.Module, handled: set[int]) -> tuple[int, int]:
-    """The ViT path's layers in the export copy: integer weights + DQ, per-tensor inputs as Q/DQ.
-
-    Post-softmax log grids have no QDQ form (ONNX's Q/DQ are affine): they stay as their float
-    emulation (Log, Round, Clip, Pow), which every backend runs, and are counted by neither total.
-    """
-    try:
-        from .vit.layers import QuantConv2d as VitConv
-        from .vit.layers import QuantLinear as VitLinear
-        from .vit.layers import QuantMatMul
-        from .vit.quantizers import LogQuantizer
-    except ImportError:  # the ViT path needs timm
-        return 0, 0
-    n_weights = n_acts = 0
-
-    def act(parent: nn.Module, attr: str, name: str) -> None:
-        nonlocal n_acts
-        q = getattr(parent, attr)
-        handled.update(id(m) for m in q.modules())
-        if isinstance(q, LogQuantizer) or not q.enabled:
-            return
-        setattr(parent, attr, _ExportAct(q, f"{name}.{attr}"))
-        n_acts += 1
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (VitLinear, VitConv)):
-            handled.update(id(m) for m in module.weight_quantizer.modules())
-            if getattr(module, "ada", None) is not None:
-                handled.update(id(m) for m in module.ada.modules())
-            if not module.quant_enabled:
-                continue
-            if module.weight_quantizer.enabled:
-                if not hasattr(module, "ada"):
-                    module.ada = None
-                module.weight_quantizer = _weight_dq(module, name, module.weight_quantizer)
-                module.ada = None
-                n_weights += 1
-            act(module, "input_quantizer", name)
-        elif isinstance(module, QuantMatMul) and module.quant_enabled:
-            act(module, "quantizer_a", name)
-            act(module, "quantizer_b", name)
-    return n_weights, n_acts
+def _act_to_qdq(parent: nn.Module, attr: str, name: str) -> int:
+    """Replace a per-tensor input grid by Q/DQ; 1 if replaced. Post-softmax log grids have no QDQ
+    form (ONNX's Q/DQ are affine): they stay as their float emulation (Log, Round, Clip, Pow), which
+    every backend runs, and are not counted."""
+    q = getattr(parent, attr)
+    if isinstance(q, LogQuantizer) or not q.enabled:
+        return 0
+    setattr(parent, attr, _ExportAct(q, f"{name}.{attr}"))
+    return 1
 
 
 def export_qdq(
@@ -371,7 +345,7 @@ def export_qdq(
     dynamic_batch: bool = True,
     check: bool = True,
 ) -> QDQExport:
-    """Export a model returned by `quant.ptq.quantize_model` (or `load_quantized`) as a QDQ ONNX file.
+    """Export a model returned by `quant.quantize` (or `quant.load`) as a QDQ ONNX file.
 
     Integer weights with per-channel scales/zero points -> DequantizeLinear(axis=0), calibrated
     per-tensor activation grids -> [Clip ->] QuantizeLinear -> DequantizeLinear (uint8), at the places
@@ -387,7 +361,7 @@ def export_qdq(
     """
     model, n_weights, n_acts = qdq_copy(qmodel)
     if n_weights == 0 and n_acts == 0:
-        raise QuantError("no active quantizer found: pass a model returned by quant.ptq.quantize_model")
+        raise QuantError("no active quantizer found: pass a model returned by quant.quantize")
     out = _export(model, example_input, Path(path), opset, dynamic_batch)
     result = QDQExport(out, n_weights, n_acts)
     if check:

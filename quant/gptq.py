@@ -6,11 +6,11 @@ columns to cancel that column's rounding error on the layer's calibration inputs
 ||(W - Q) X^T||^2 greedily, using the inverse of H = X^T X. Only which grid point each weight takes
 changes, never the grid. The ViT path rounds with it outright (`quant.vit.gptq`).
 
-For CNN block reconstruction (`QuantConfig.gptq_start`, off by default) AdaRound may start from
+For CNN block reconstruction (`CNNSettings.gptq_start`, on by default) AdaRound starts from
 GPTQ's *compensated* weights (each column as it stood when rounded; its nearest rounding is GPTQ's
 result) instead of the layer's own weights. Why try it: Genie-M's strong rounding regulariser
 pushes the rounding to hard decisions within a short budget (2,000-3,000 iterations), so the start
-may persist; measured so far as a tie (README, data-free notes). A convolution is a Linear on its unfolded input patches, so its Hessian is
+may persist; it was chosen as the default on held-out real images (docs/notes.md). A convolution is a Linear on its unfolded input patches, so its Hessian is
 sum over patches of p p^T ([C_in * k * k] square); grouped convolutions (depthwise) are left to start
 from their own weights.
 """
@@ -45,9 +45,8 @@ def gptq_quantize_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` [out, in] rounded onto the per-row grid (scale, zero_point) [out] by GPTQ.
 
-    `hessian` = sum over calibration inputs of x x^T [in, in]. Columns go in their natural order:
-    GPTQ's act-order (largest inputs first) measured no better here (W4A4, 3 draws: JPEG 68.93 vs
-    68.91, slice 70.37 vs 70.70). Returns the fake-quantized weight (values on the grid) and the
+    `hessian` = sum over calibration inputs of x x^T [in, in]. Columns go in their natural order
+    (GPTQ's act-order, largest inputs first, measured no better: docs/notes.md). Returns the fake-quantized weight (values on the grid) and the
     compensated weight (each column as it stood when rounded; its nearest rounding is the first),
     both in `weight`'s dtype.
     """
@@ -133,16 +132,23 @@ def unit_start_weights(unit: nn.Module, x: torch.Tensor) -> dict[nn.Module, torc
     """
     starts: dict[nn.Module, torch.Tensor] = {}
     for layer in weight_layers(unit):
-        if not layer.wq.enabled or getattr(layer, "groups", 1) != 1:
+        if not layer.weight_quantizer.enabled or getattr(layer, "groups", 1) != 1:
             continue
         layer.calibrate_weight()
         hessian = input_hessian(unit, layer, x)
         weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-        scale, zero_point = layer.wq.shaped(layer.weight)
+        scale, zero_point = layer.weight_quantizer.shaped(layer.weight)
         rounded, compensated = gptq_quantize_weight(
-            weight, hessian, scale.reshape(-1), zero_point.reshape(-1), layer.wq.qmin, layer.wq.qmax
+            weight,
+            hessian,
+            scale.reshape(-1),
+            zero_point.reshape(-1),
+            layer.weight_quantizer.qmin,
+            layer.weight_quantizer.qmax,
         )
-        ada = AdaRoundQuantizer(layer.wq, rounded.reshape(layer.weight.shape))  # reproduces `rounded`
+        ada = AdaRoundQuantizer(
+            layer.weight_quantizer, rounded.reshape(layer.weight.shape)
+        )  # reproduces `rounded`
         ada.soft = False
         layer.ada = ada.requires_grad_(False)
         starts[layer] = compensated.reshape(layer.weight.shape)

@@ -15,11 +15,14 @@ serves as both the float teacher and the quantized student during calibration.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from .fused import ops as fused_ops
+from .fused import usable as fused_usable
 from .quantizers import AdaRoundQuantizer, UniformQuantizer, fake_quant
 
 # Elements kept when an activation grid is searched: an MSE search over a strided subsample of
@@ -98,15 +101,15 @@ class _FusedLsqQuant(torch.autograd.Function):
     def forward(ctx, x, scale, keep_fp, lo: float, hi: float, relu: bool):  # type: ignore[override]
         ctx.save_for_backward(x, scale, keep_fp)
         ctx.args = (lo, hi, relu)
-        return fused.ops().lsq_forward(x, scale, keep_fp, lo, hi, relu)
+        return fused_ops().lsq_forward(x, scale, keep_fp, lo, hi, relu)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, scale, keep_fp = ctx.saved_tensors
         lo, hi, relu = ctx.args
-        if not fused.usable(grad, x):  # autograd may hand a gradient in another layout: copy it into x's
+        if not fused_usable(grad, x):  # autograd may hand a gradient in another layout: copy it into x's
             grad = torch.empty_like(x).copy_(grad)
-        grad_x, grad_s = fused.ops().lsq_backward(
+        grad_x, grad_s = fused_ops().lsq_backward(
             grad, x, scale, keep_fp, lo, hi, relu, ctx.needs_input_grad[0]
         )
         return (
@@ -132,7 +135,7 @@ def lsq_quant(
     `v = relu(x)` with `relu=True` (a ReLU fused in front, one pass fewer each way), else `x`.
     Uses the compiled kernels where they are built and take these tensors; the ATen form otherwise.
     """
-    if scale.numel() == 1 and fused.usable(x, keep_fp) and fused.ops() is not None:
+    if scale.numel() == 1 and fused_usable(x, keep_fp) and fused_ops() is not None:
         return _FusedLsqQuant.apply(x, scale, keep_fp, lo, hi, relu)
     if relu:
         x = F.relu(x)
@@ -234,6 +237,9 @@ class QuantAct(nn.Module):
         self._bounds = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _set_quant(self, weights: bool, acts: bool) -> None:
+        self.enabled = acts
+
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """Quantize `x` (or `relu(x)` with `relu=True`: the layer's ReLU fused into the quantizer)."""
         active = self.enabled and self.quant.enabled
@@ -255,27 +261,58 @@ class QuantAct(nn.Module):
         return f"bits={self.bits}"
 
 
-class _WeightQuant:
-    """Mixin: per-channel weight quantization for a conv or linear layer (`self.weight`)."""
+def needs_calibration(quantizer: nn.Module) -> bool:
+    """Whether the quantizer's next forward would (re)fit its grid."""
+    return quantizer.enabled and (quantizer.observing or not bool(quantizer.initialized))
+
+
+def output_error(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable:
+    """Calibration objective: mean squared error of `op(x_quantized)` against `op(x)`."""
+    ref = op(x)
+
+    def error(xq: torch.Tensor) -> torch.Tensor:
+        diff = op(xq) - ref
+        return (diff * diff).mean()
+
+    return error
+
+
+class _QuantLayer:
+    """Mixin: a conv or linear layer with fake-quantized weight (per output channel) and, optionally,
+    a quantizer on its input and an activation + output quantizer after it.
+
+    The CNN path quantizes activations where a block stores them (`out_quant`, or a unit's
+    `QuantAct`), the transformer path on the input of every layer (`input_quantizer`, whose grid is
+    fitted on the first quantized forward to the error of this layer's output, see `output_error`).
+    `quant_weight` / `quant_act` switch the two on and off (`set_quant_state`).
+    """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    #: per-tensor input grids of this layer type are fitted to the error of the layer's output
+    input_error_objective = True
 
-    def _init_quant(self, wbits: int, act: nn.Module | None) -> None:
-        self.wq = UniformQuantizer(wbits, signed=True, ch_axis=0, symmetric=False, init="mse")
+    def _init_quant(
+        self, weight_quantizer: UniformQuantizer, act: nn.Module | None, input_quantizer: nn.Module | None
+    ) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
         self.ada: AdaRoundQuantizer | None = None
         self.act = act
         self.out_quant: QuantAct | None = None
         self.quant_weight = False
+        self.quant_act = False
 
     @property
     def wbits(self) -> int:
-        return self.wq.bits
+        return self.weight_quantizer.bits
 
-    def calibrate_weight(self) -> None:
-        """Initialise the weight grid (MSE search per output channel) if not done yet."""
-        if self.wq.enabled and not bool(self.wq.initialized):
-            self.wq.calibrate(self.weight)
+    def calibrate_weight(self, force: bool = False) -> None:
+        """Fit the weight grid (MSE search per output channel), unless done already and not `force`d
+        (after re-parameterization changed the weight)."""
+        wq = self.weight_quantizer
+        if wq.enabled and (force or not bool(wq.initialized)):
+            wq.calibrate(self.weight)
 
     def start_adaround(
         self, learn_scale: bool, start: torch.Tensor | None = None
@@ -285,24 +322,43 @@ class _WeightQuant:
         `start` (the weight's shape, e.g. GPTQ's compensated weight: `quant.gptq`) sets where the
         rounding starts, h(alpha) = its fractional part on the grid; the float weight, and so the
         reconstruction target, stays the layer's own."""
-        if not self.wq.enabled:
+        if not self.weight_quantizer.enabled:
             return None
         self.calibrate_weight()
         start = self.weight.detach() if start is None else start.detach()
         if start.shape != self.weight.shape:
             raise ValueError(f"start weight shape {tuple(start.shape)} != {tuple(self.weight.shape)}")
-        self.ada = AdaRoundQuantizer(self.wq, start, learn_scale=learn_scale)
+        self.ada = AdaRoundQuantizer(self.weight_quantizer, start, learn_scale=learn_scale)
         return self.ada
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the quantized layer sees it (float weight when quantization is off)."""
-        if not self.quant_weight or not self.wq.enabled:
+        wq = self.weight_quantizer
+        if not self.quant_weight or not wq.enabled:
             return self.weight
         if self.ada is not None:
             return self.ada()
         self.calibrate_weight()
-        scale, zp = self.wq.shaped(self.weight)
-        return fake_quant(self.weight, scale, zp, self.wq.qmin, self.wq.qmax)
+        scale, zp = wq.shaped(self.weight)
+        return fake_quant(self.weight, scale, zp, wq.qmin, wq.qmax)
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _quantize_input(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        q = self.input_quantizer
+        if q is None or not self.quant_act:
+            return x
+        if self.input_error_objective and needs_calibration(q):
+            q.calibrate(x, output_error(lambda t: self._op(t, weight, None), x))
+        return q(x)
+
+    def _set_quant(self, weights: bool, acts: bool) -> None:
+        self.quant_weight, self.quant_act = weights, acts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.quantized_weight()
+        return self._post(self._op(self._quantize_input(x, weight), weight, self.bias))
 
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         if type(self.act) is nn.ReLU and isinstance(
@@ -316,11 +372,25 @@ class _WeightQuant:
         return y
 
 
-class QuantConv2d(_WeightQuant, nn.Conv2d):
-    """`nn.Conv2d` with a fake-quantized weight, an optional activation and output quantizer."""
+def cnn_weight_quantizer(bits: int) -> UniformQuantizer:
+    """Per-output-channel asymmetric weight grid, range by L_p-error search (QDrop, RepQ-ViT)."""
+    return UniformQuantizer(bits, signed=True, ch_axis=0, symmetric=False, init="mse")
+
+
+class QuantConv2d(_QuantLayer, nn.Conv2d):
+    """`nn.Conv2d` with a fake-quantized weight, optional input quantizer, activation and output quantizer."""
+
+    #: a conv's input grid (the patch embedding's image input) is fitted to its own error
+    input_error_objective = False
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, wbits: int, act: nn.Module | None = None) -> QuantConv2d:
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        wbits: int,
+        act: nn.Module | None = None,
+        input_quantizer: nn.Module | None = None,
+    ) -> QuantConv2d:
         if type(conv).forward is not nn.Conv2d.forward:  # e.g. timm's Conv2dSame pads dynamically
             raise TypeError(f"{type(conv).__name__} has its own forward; cannot wrap it as a plain conv")
         new = cls(
@@ -337,18 +407,25 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
             dtype=conv.weight.dtype,
         )
         new.load_state_dict(conv.state_dict())
-        new._init_quant(wbits, act)
+        new.requires_grad_(conv.weight.requires_grad)  # a frozen float layer stays frozen
+        new._init_quant(cnn_weight_quantizer(wbits), act, input_quantizer)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._post(self._conv_forward(x, self.quantized_weight(), self.bias))
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
-class QuantLinear(_WeightQuant, nn.Linear):
-    """`nn.Linear` with a fake-quantized weight, an optional activation and output quantizer."""
+class QuantLinear(_QuantLayer, nn.Linear):
+    """`nn.Linear` with a fake-quantized weight, optional input quantizer, activation and output quantizer."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, wbits: int, act: nn.Module | None = None) -> QuantLinear:
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        wbits: int,
+        act: nn.Module | None = None,
+        input_quantizer: nn.Module | None = None,
+    ) -> QuantLinear:
         new = cls(
             linear.in_features,
             linear.out_features,
@@ -357,19 +434,22 @@ class QuantLinear(_WeightQuant, nn.Linear):
             dtype=linear.weight.dtype,
         )
         new.load_state_dict(linear.state_dict())
-        new._init_quant(wbits, act)
+        new.requires_grad_(linear.weight.requires_grad)  # a frozen float layer stays frozen
+        new._init_quant(cnn_weight_quantizer(wbits), act, input_quantizer)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._post(F.linear(x, self.quantized_weight(), self.bias))
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
-def quantize_layer(layer: nn.Module, wbits: int, act: nn.Module | None = None) -> QuantConv2d | QuantLinear:
+def quantize_layer(
+    layer: nn.Module, wbits: int, act: nn.Module | None = None, input_quantizer: nn.Module | None = None
+) -> QuantConv2d | QuantLinear:
     """The quantized twin of a conv or linear layer (weights copied, float until switched on)."""
     if isinstance(layer, nn.Conv2d):
-        return QuantConv2d.from_float(layer, wbits, act)
+        return QuantConv2d.from_float(layer, wbits, act, input_quantizer)
     if isinstance(layer, nn.Linear):
-        return QuantLinear.from_float(layer, wbits, act)
+        return QuantLinear.from_float(layer, wbits, act, input_quantizer)
     raise TypeError(f"cannot quantize {type(layer).__name__}")
 
 
@@ -381,9 +461,13 @@ def act_quantizers(module: nn.Module) -> list[QuantAct]:
     return [m for m in module.modules() if isinstance(m, QuantAct)]
 
 
-def set_quant_state(module: nn.Module, weights: bool, acts: bool) -> None:
-    """Switch every weight and activation quantizer under `module` on or off."""
-    for layer in weight_layers(module):
-        layer.quant_weight = weights
-    for q in act_quantizers(module):
-        q.enabled = acts
+def set_quant_state(module: nn.Module, weights: bool, acts: bool | None = None) -> None:
+    """Switch every quantized piece under `module` between fake-quant and float (`acts` defaults to
+    `weights`): one module tree then serves as the float teacher and the quantized student.
+
+    Every quantized module of either path takes part through its `_set_quant(weights, acts)`."""
+    acts = weights if acts is None else acts
+    for m in module.modules():
+        setter = getattr(m, "_set_quant", None)
+        if setter is not None:
+            setter(weights, acts)

@@ -6,7 +6,7 @@
 `ShardCalibrationReader` is an `onnxruntime.quantization.CalibrationDataReader` that streams the
 first n preprocessed images of a source (`quant.dump.iter_source`: a pool's first n in manifest
 order, the same images the PyTorch quantizer calibrates on) in batches. `quantize_onnx_static`
-wraps `onnxruntime.quantization.quantize_static` with the setting PEERS.md compares against:
+wraps `onnxruntime.quantization.quantize_static` with the setting docs/results.md compares against:
 QDQ format, per-channel int8 weights, int8 activations, MinMax ranges.
 
 onnxruntime is an optional dependency (`pip install dfq[onnx]`); this module imports without it and
@@ -149,7 +149,7 @@ def quantize_onnx_static(
 ) -> Path:
     """Static INT8 quantization of the float ONNX model at `fp_onnx_path`, calibrated by `reader`.
 
-    Defaults are the setting PEERS.md reports (QDQ, per-channel int8 weights, int8 activations,
+    Defaults are the setting docs/results.md reports (QDQ, per-channel int8 weights, int8 activations,
     MinMax). `preprocess` first runs `onnxruntime.quantization.quant_pre_process` (shape inference
     and graph optimisation: fuses BatchNorm into Conv when the exporter left it, which per-channel
     weight quantization needs). `calibrate_method`: minmax, entropy, percentile or distribution;

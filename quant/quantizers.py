@@ -21,8 +21,9 @@ import math
 import torch
 from torch import nn
 
-from . import fused
 from .errors import QuantError
+from .fused import ops as fused_ops
+from .fused import usable as fused_usable
 
 # AdaRound's rectified sigmoid stretch parameters (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
@@ -33,6 +34,15 @@ def check_bits(bits: int, what: str = "bit width") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 32):
         raise QuantError(f"{what} must be an integer in 2..8 (or 32 for float), got {bits!r}")
     return bits
+
+
+def check_device(device: str) -> str:
+    """Validate a torch device string (`cpu`, `cuda`, `cuda:1`, ...)."""
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise QuantError(f"bad device {device!r}: {e}") from None
+    return device
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -287,11 +297,11 @@ class AdaRoundQuantizer(nn.Module):
             self.ch_axis == 0
             and a.dim() >= 1
             and self.scale.numel() == a.shape[0] == self.zero_point.numel()
-            and fused.usable(a, self.w_floor)
+            and fused_usable(a, self.w_floor)
             and a.is_contiguous()
             and self.scale.is_contiguous()
             and self.zero_point.dtype == a.dtype == self.scale.dtype
-            and fused.ops() is not None
+            and fused_ops() is not None
         )
 
     def integer_weight(self) -> torch.Tensor:
@@ -335,7 +345,7 @@ class _FusedAdaRound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, scale, w_floor, zero_point, qmin: int, qmax: int):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        w, h = fused.ops().adaround_forward(
+        w, h = fused_ops().adaround_forward(
             torch.sigmoid(alpha), w_floor, scale, zero_point, qmin, qmax, ZETA, GAMMA
         )
         ctx.save_for_backward(h, w_floor, scale, zero_point)
@@ -349,7 +359,7 @@ class _FusedAdaRound(torch.autograd.Function):
             grad_w = torch.zeros_like(h)
         grad_w = grad_w.contiguous()
         grad_h = grad_h.contiguous() if grad_h is not None else None
-        g_alpha, g_scale = fused.ops().adaround_backward(
+        g_alpha, g_scale = fused_ops().adaround_backward(
             grad_w, grad_h, h, w_floor, scale, zero_point, *ctx.bounds, ZETA, GAMMA
         )
         return g_alpha, (g_scale if ctx.needs_input_grad[1] else None), None, None, None, None

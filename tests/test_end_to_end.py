@@ -72,7 +72,7 @@ def _quantize(pool: Path, out: Path, model: str, *extra: str) -> dict:
         "--abits",
         "4",
     ]
-    argv += ["--eval", str(pool), "--out", str(out), "--no-progress", "--batch-size", "8", *extra]
+    argv += ["--eval", str(pool), "--out", str(out), "--no-progress", *extra]
     assert main(argv) == 0
     result = json.loads((out / "result.json").read_text())
     assert (out / "quantized.pt").is_file()
@@ -97,7 +97,8 @@ def test_diffusion_pool_calibrates_a_cnn_and_a_vit(ray_local, tmp_path: Path) ->
     _generate(pool, "--preset", "tiny")
     _check_pool(pool, "diffusion")
 
-    cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4")  # GPTQ start: the default
+    # GPTQ start: the default; --batch-size is a CNN flag (a transformer refuses it)
+    cnn = _quantize(pool, tmp_path / "cnn", "cifar_resnet20", "--iters", "4", "--batch-size", "8")
     vit = _quantize(
         pool,
         tmp_path / "vit",
@@ -132,7 +133,7 @@ def test_bn_distill_pool_through_the_engine(ray_local, tmp_path: Path) -> None:
     assert all(len(set(s["json"]["class_ids"])) == 2 for s in samples)  # mixup of two class targets
     result = _quantize(
         pool, tmp_path / "q", "tests.test_end_to_end:tiny_bn_cnn", "--method", "genie-m", "--iters", "2",
-        "--augment", "2", "--augment-cutmix", "0.5",
+        "--augment", "2", "--augment-cutmix", "0.5", "--batch-size", "8",
     )  # fmt: skip
     assert result["iters"] == 2 and result["wbits"] == 4
     assert result["augment"] == 2 and result["n_calib"] == 16  # the pool's images, before the copies

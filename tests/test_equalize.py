@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+import quant
+from quant import CNNSettings
 from quant.equalize import equalize, find_equalizable_pairs
 from quant.errors import QuantError
 from quant.fold import fold_batchnorm
-from quant.ptq import QuantConfig, load_quantized, quantize_model, save_quantized
 from quant.zoo.mobilenetv1 import DepthwiseSeparable, conv_bn
 
 
@@ -110,27 +111,27 @@ def test_plain_relu_and_direct_conv_pairs_qualify() -> None:
 def test_equalized_quantization_runs_saves_and_loads(tmp_path) -> None:
     net = _skewed_dw_net()
     calib = torch.randn(32, 3, 32, 32)
-    config = QuantConfig(wbits=8, abits=8, method="rtn", iters=0, equalize=True)
-    q = quantize_model(net, calib, config, progress=False)
+    settings = CNNSettings(wbits=8, abits=8, method="rtn", iters=0, equalize=True)
+    q = quant.quantize(net, calib, settings)
     with torch.no_grad():
         fp, out = net(calib), q(calib)
     assert (out - fp).pow(2).mean() / fp.pow(2).mean() < 1e-2  # W8A8 stays close to float
-    save_quantized(q, config, tmp_path / "q.pt", {"name": "skewed"})
-    loaded = load_quantized(tmp_path / "q.pt", lambda spec: _skewed_dw_net())
+    q.save(tmp_path / "q.pt")
+    loaded = quant.load(tmp_path / "q.pt", model=_skewed_dw_net())
+    assert loaded.settings == settings
     with torch.no_grad():
         torch.testing.assert_close(loaded(calib), out)
 
 
 def test_equalize_must_be_a_bool() -> None:
     with pytest.raises(QuantError, match="equalize must be true or false, got 'yes'"):
-        QuantConfig(equalize="yes")  # type: ignore[arg-type]
+        CNNSettings(equalize="yes")  # type: ignore[arg-type]
 
 
 def test_cli_equalize_is_recorded_and_saved(tmp_path) -> None:
     """`dfq quantize --equalize` says so in result.json and saves the equalized weights (a float
     model rebuilt from the spec is not equalized, so loading must take the weights from the file)."""
     from launch.cli import main
-    from quant.models import load_model
 
     argv = [
         "quantize",
@@ -148,13 +149,13 @@ def test_cli_equalize_is_recorded_and_saved(tmp_path) -> None:
         assert main([*argv, *flag, "--out", str(out)]) == 0
         assert json.loads((out / "result.json").read_text())["equalize"] is bool(flag)
 
-    def build(spec: dict) -> nn.Module:
-        return load_model(spec["model"])[0]
-
-    plain = load_quantized(tmp_path / "plain" / "quantized.pt", build)
-    cle = load_quantized(tmp_path / "cle" / "quantized.pt", build)
+    # the float model is rebuilt from the saved spec (`quant.models.load_model`)
+    plain = quant.load(tmp_path / "plain" / "quantized.pt")
+    cle = quant.load(tmp_path / "cle" / "quantized.pt")
+    assert plain.model_spec["model"] == cle.model_spec["model"] == "mobilenetv1_x0.25"
+    assert plain.settings.equalize is False and cle.settings.equalize is True
     stem = "stage1.0.0.layer.weight"  # the stem conv (BN folded): equalization rescales its channels
-    assert not torch.allclose(plain.state_dict()[stem], cle.state_dict()[stem])
+    assert not torch.allclose(plain.model.state_dict()[stem], cle.model.state_dict()[stem])
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.isfinite(cle(x)).all()

@@ -21,10 +21,11 @@ ort = pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
+import quant  # noqa: E402
+from quant import CNNSettings, TransformerSettings  # noqa: E402
 from quant.errors import QuantError  # noqa: E402
 from quant.export_onnx import export_qdq, qdq_copy, run_onnx  # noqa: E402
 from quant.modules import QuantAct, QuantConv2d, QuantLinear  # noqa: E402
-from quant.ptq import QuantConfig, quantize_model  # noqa: E402
 from quant.quantizers import fake_quant  # noqa: E402
 from quant.zoo.cifar_resnet import BasicBlock  # noqa: E402
 
@@ -62,7 +63,7 @@ def calib() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def w4a4(float_model: nn.Module, calib: torch.Tensor) -> nn.Module:
-    return quantize_model(float_model, calib, QuantConfig(wbits=4, abits=4, method="rtn"), progress=False)
+    return quant.quantize(float_model, calib, CNNSettings(wbits=4, abits=4, method="rtn"))
 
 
 def _inputs(n: int = 64) -> torch.Tensor:
@@ -86,7 +87,7 @@ def test_weights_are_integers_that_dequantize_exactly(w4a4: nn.Module, tmp_path:
     assert result.weight_layers == len(layers) == 6
     for name, layer in layers.items():
         q, s, z = (init[f"{name}.onnx_{k}"] for k in ("qweight", "wscale", "wzero_point"))
-        lo, hi = layer.wq.qmin, layer.wq.qmax
+        lo, hi = layer.weight_quantizer.qmin, layer.weight_quantizer.qmax
         assert q.dtype == np.int8 and z.dtype == np.int8 and s.dtype == np.float32
         assert q.min() >= lo and q.max() <= hi and s.shape == z.shape == (q.shape[0],)
         node = next(
@@ -94,7 +95,7 @@ def test_weights_are_integers_that_dequantize_exactly(w4a4: nn.Module, tmp_path:
         )
         with torch.no_grad():
             np.testing.assert_array_equal(_dequant(init, node), layer.quantized_weight().numpy())
-    bits = sorted(m.wq.bits for m in layers.values())
+    bits = sorted(m.weight_quantizer.bits for m in layers.values())
     assert bits == [4, 4, 4, 4, 8, 8]  # first and last layer at 8 bits, the peers' convention
 
 
@@ -150,8 +151,8 @@ def test_logits_match_the_fake_quant_model(w4a4: nn.Module, tmp_path: Path) -> N
 
 def test_genie_m_export(float_model: nn.Module, calib: torch.Tensor, tmp_path: Path) -> None:
     """Learned rounding (hard AdaRound decisions) and learned weight steps export the same way."""
-    cfg = QuantConfig(wbits=4, abits=4, method="genie-m", iters=6, batch_size=4)
-    qmodel = quantize_model(float_model, calib, cfg, progress=False)
+    settings = CNNSettings(wbits=4, abits=4, method="genie-m", iters=6, batch_size=4)
+    qmodel = quant.quantize(float_model, calib, settings)
     assert any(m.ada is not None for m in qmodel.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
     result = export_qdq(qmodel, _inputs(), tmp_path / "genie.onnx")
     assert result.weight_layers == 6 and result.argmax_agreement == 1.0
@@ -170,8 +171,8 @@ def test_refuses_what_it_cannot_export(float_model: nn.Module, w4a4: nn.Module, 
 
 def test_layer_input_placement_exports(float_model: nn.Module, calib: torch.Tensor, tmp_path: Path) -> None:
     """Genie's graph (float identity skips) exports too: fewer Q/DQ pairs, same agreement."""
-    cfg = QuantConfig(wbits=4, abits=4, method="rtn", placement="layer-input")
-    qmodel = quantize_model(float_model, calib, cfg, progress=False)
+    settings = CNNSettings(wbits=4, abits=4, method="rtn", placement="layer-input")
+    qmodel = quant.quantize(float_model, calib, settings)
     result = export_qdq(qmodel, _inputs(), tmp_path / "li.onnx")
     assert result.argmax_agreement == 1.0 and result.max_abs_diff < 1e-5 * result.logit_scale
 
@@ -180,19 +181,17 @@ def test_layer_input_placement_exports(float_model: nn.Module, calib: torch.Tens
 def test_vit_exports_as_qdq(recon: int, tmp_path: Path) -> None:
     """The ViT path: every Linear/patch-embedding weight as integers + DequantizeLinear, every uniform
     activation grid as Q/DQ, the post-softmax log grid as its float emulation; logits agree."""
-    from types import SimpleNamespace
-
     import timm
-
-    from quant.vit import quantize_vit
 
     torch.manual_seed(0)
     vit = timm.create_model(
         "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
     ).eval()
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    cfg = SimpleNamespace(wbits=4, abits=4, recon_iters=recon, recon_images=16)
-    qvit = quantize_vit(vit, x, cfg)
+    qvit = quant.quantize(
+        vit, x, TransformerSettings(wbits=4, abits=4, iters=recon)
+    )  # reconstructs on all 16
+    assert qvit.family == "transformer" and len(qvit.history) == (2 if recon else 0)
     result = export_qdq(qvit, x, tmp_path / "vit.onnx")
     # 2 blocks x (qkv, proj, fc1, fc2) + patch embedding + head
     assert result.weight_layers == 10

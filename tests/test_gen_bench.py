@@ -1,5 +1,5 @@
 """Generation throughput (issue 5): the benchmarks run on a CPU in their tiny form and write well-formed
-reports (DESIGN.md fields); the fast worker path keeps the shard bytes of the plain one."""
+reports (fields as benchmarks/README.md lists them); the fast worker path keeps the shard bytes of the plain one."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_scaling_benchmark_tiny_on_cpu_writes_a_full_report(ray_local, tmp_path)
 @pytest.mark.slow
 def test_flop_count_of_the_sd15_architecture_matches_the_h100_anchor() -> None:
     """On the meta device (no weights, no compute): 0.80 TFLOP a UNet sample-forward, 2.5 TFLOP a VAE
-    decode, 82.8 TFLOP an image at 512 px, 50 steps, CFG (DESIGN.md)."""
+    decode, 82.8 TFLOP an image at 512 px, 50 steps, CFG (docs/results.md)."""
     from benchmarks.flops import image_flops, sd15_random_pipeline
 
     flops = image_flops(sd15_random_pipeline("meta"), 512, 512, 50, 3.5)

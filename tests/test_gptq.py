@@ -1,5 +1,5 @@
 """quant.gptq on CNN layers: GPTQ's conv rounding beats nearest on its calibration inputs, and
-`QuantConfig.gptq_start` (the default) starts block reconstruction from it."""
+`CNNSettings.gptq_start` (the default) starts block reconstruction from it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import quant
+from quant import CNNSettings
 from quant.errors import QuantError
 from quant.gptq import unit_start_weights
 from quant.modules import QuantConv2d, set_quant_state
-from quant.ptq import QuantConfig, quantize_model
 from quant.quantizers import fake_quant
 from tests.test_vit import _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
@@ -47,8 +48,9 @@ def test_conv_gptq_rounding_beats_nearest_on_its_inputs() -> None:
     for layer, start in starts.items():
         assert start.shape == layer.weight.shape
         # the compensated weight's nearest rounding is GPTQ's rounding, on the layer's own grid
-        scale, zp = layer.wq.shaped(layer.weight)
-        torch.testing.assert_close(fake_quant(start, scale, zp, layer.wq.qmin, layer.wq.qmax), layer.ada())
+        wq = layer.weight_quantizer
+        scale, zp = wq.shaped(layer.weight)
+        torch.testing.assert_close(fake_quant(start, scale, zp, wq.qmin, wq.qmax), layer.ada())
 
 
 def test_grouped_convs_start_from_their_own_weights() -> None:
@@ -57,16 +59,16 @@ def test_grouped_convs_start_from_their_own_weights() -> None:
     assert set(starts) == {unit[0]} and unit[2].ada is None
 
 
-def test_quant_config_gptq_start_changes_the_reconstruction_and_is_deterministic() -> None:
+def test_cnn_settings_gptq_start_changes_the_reconstruction_and_is_deterministic() -> None:
     from tests.test_end_to_end import tiny_bn_cnn
 
     model, _ = tiny_bn_cnn()
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     base = dict(wbits=4, abits=4, method="genie-m", iters=3, batch_size=8)
-    plain = quantize_model(model, calib, QuantConfig(**base, gptq_start=False), progress=False)
-    a = quantize_model(model, calib, QuantConfig(**base), progress=False)  # the default
-    b = quantize_model(model, calib, QuantConfig(**base, gptq_start=True), progress=False)
+    plain = quant.quantize(model, calib, CNNSettings(**base, gptq_start=False)).model
+    a = quant.quantize(model, calib, CNNSettings(**base)).model  # the default
+    b = quant.quantize(model, calib, CNNSettings(**base, gptq_start=True)).model
     torch.testing.assert_close(a.state_dict(), b.state_dict())
     assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in a.state_dict().items() if "alpha" in k)
     with pytest.raises(QuantError, match="gptq_start must be true or false, got 'yes'"):
-        QuantConfig(**base, gptq_start="yes")
+        CNNSettings(**base, gptq_start="yes")

@@ -1,7 +1,9 @@
-"""The layering contract of DESIGN.md: `engine` and `quant` share only the shard format.
+"""The layering contract (ARCHITECTURE.md): `engine` and `quant` share only the shard format.
 
 - `engine` never imports `quant` and `quant` never imports `engine` (static AST check of every
   module, including imports inside functions); neither imports `launch`.
+- `benchmarks` imports from `launch` only what a user script would (the bn-distill classifier glue);
+  argument types and errors are its own.
 - Importing either package does not import Ray (Ray is started only by a run) nor initialise CUDA.
 """
 
@@ -67,6 +69,39 @@ def test_checker_catches_a_cross_import() -> None:
     assert "<relative-escape>" in imported_top_levels("from ..quant import x", "engine")
     assert "<relative-escape>" in imported_top_levels("from ...quant import x", "engine.sub")
     assert imported_top_levels("from ..quantizers import fake_quant", "quant.vit") == set()
+
+
+#: what a user's script would import from the CLI package: the bn-distill classifier glue
+BENCHMARKS_MAY_IMPORT = {"launch.classifier"}
+
+
+def launch_imports(source: str) -> set[str]:
+    """Dotted `launch...` modules a source imports (any form, at any depth)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "launch")
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == "launch"
+        ):
+            found.add(node.module)
+    return found
+
+
+def test_benchmarks_import_from_launch_only_what_a_user_script_would() -> None:
+    found = {
+        f"{path.name}: {name}"
+        for path in sorted((ROOT / "benchmarks").rglob("*.py"))
+        for name in launch_imports(path.read_text())
+        if name not in BENCHMARKS_MAY_IMPORT
+    }
+    assert found == set()
+    assert launch_imports("from launch.errors import UsageError\ndef f():\n    import launch.argtypes\n") == {
+        "launch.errors",
+        "launch.argtypes",
+    }
 
 
 @pytest.mark.parametrize("package", ["engine", "quant"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import peer_compare, report
+from benchmarks.errors import BenchmarkError
 
 
 def _main(argv: list[str]) -> int:
@@ -114,7 +115,7 @@ def test_data_free_seeds_each_distil_their_own_pool(ray_local, tmp_path, monkeyp
     _, extra, runs = peer_compare.distilled_calibration(setup, args)
     assert "distill_seconds" not in extra and "distill_seconds" not in runs[0]
     args.pool = [str(tmp_path / "kept1")] * 3
-    with pytest.raises(peer_compare.UsageError, match="3 pools for 2 seeds"):
+    with pytest.raises(BenchmarkError, match="3 pools for 2 seeds"):
         peer_compare.distilled_calibration(setup, args)
 
 

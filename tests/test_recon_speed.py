@@ -1,5 +1,6 @@
 """benchmarks.recon_speed: the Genie-style baseline is a real reconstruction (its quantizers compute
-what Genie's do, and its loop trains every parameter group), and the tiny form writes the report."""
+what Genie's do, and its loop trains every parameter group), and the tiny form writes the report,
+with a user-written ResNet-20 (`tests.user_models`) timed beside the zoo one."""
 
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ def test_reference_loop_trains_every_parameter_group() -> None:
     assert torch.equal(block.conv1.weight, model.layer1[0].conv1.weight)  # the float model untouched
 
 
-def test_tiny_form_writes_one_row_per_block(tmp_path) -> None:
+def test_tiny_form_writes_one_row_per_block_and_compares_a_user_model(tmp_path) -> None:
     threads = torch.get_num_threads()
+    variant = "tests.user_models:resnet20_variant"
     try:
-        assert recon_speed.main(["--tiny", "--results", str(tmp_path)]) == 0
+        assert recon_speed.main(["--tiny", "--results", str(tmp_path), "--compare-model", variant]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "recon_speed.json").read_text())
@@ -70,6 +72,18 @@ def test_tiny_form_writes_one_row_per_block(tmp_path) -> None:
         result["blocks_ours_s"] / result["blocks_reference_s"], rel=0.01
     )
     assert "| **all blocks** |" in (tmp_path / "recon_speed.md").read_text()
+    # the user's ResNet-20 is reconstructed block by block like the zoo one, same number of units
+    c = result["comparison"]
+    assert c["base"]["model"] == "cifar_resnet20-random" and c["other"]["model"] == f"{variant}-random"
+    assert (c["base"]["units"], c["base"]["blocks"]) == (c["other"]["units"], c["other"]["blocks"]) == (11, 9)
+    assert c["other"]["ms_per_iter"] > 0 and c["base"]["ms_per_iter"] > 0
+    assert c["ratio"] == pytest.approx(c["other"]["ms_per_iter"] / c["base"]["ms_per_iter"], rel=0.01)
+    assert f"## {variant}-random against cifar_resnet20-random" in (tmp_path / "recon_speed.md").read_text()
+
+
+def test_compare_model_must_take_the_same_inputs(capsys) -> None:
+    assert recon_speed.main(["--tiny", "--compare-model", "mobilenetv1_x0.25"]) == 2
+    assert "must match" in capsys.readouterr().err
 
 
 def test_bad_repetitions_is_one_line_error(capsys) -> None:

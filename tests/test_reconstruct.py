@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from quant.blocks import QuantBlock, build_quantized_twin
+from quant.capture import capture
+from quant.cnn import calibrate_unit
 from quant.fold import fold_batchnorm
 from quant.modules import set_quant_state
-from quant.ptq import calibrate_unit, capture
 from quant.reconstruct import ReconSettings, reconstruct_unit, reconstruction_loss
 from quant.zoo import REGISTRY
 
@@ -57,7 +58,7 @@ def test_bn_not_fed_by_a_conv_is_left_alone() -> None:
 def _unit_data(model: nn.Module, name: str, wbits: int, abits: int, n: int = 128):
     torch.manual_seed(1)
     calib = torch.randn(n, 3, 32, 32)
-    twin, units = build_quantized_twin(model, calib[:2], wbits, abits, 8)
+    twin, _, _ = build_quantized_twin(model, calib[:2], wbits, abits, 8)
     unit = twin.get_submodule(name)
     x_fp, y_fp = capture(twin, unit, calib, outputs=True)
     calibrate_unit(unit, x_fp)

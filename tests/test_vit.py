@@ -7,8 +7,6 @@ per-channel model computes; W4A4 runs end to end; the explicit-matmul attention 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -16,17 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import quant
+from quant import CNNSettings, TransformerSettings
 from quant.errors import QuantError
-from quant.vit import (
-    LogQuantizer,
-    LogSqrt2Quantizer,
-    QuantLinear,
-    SearchedUniformQuantizer,
-    is_transformer,
-    quantize_vit,
-    set_quant_enabled,
-)
+from quant.modules import set_quant_state
+from quant.vit import transformer_problem
 from quant.vit.attention import QuantAttention, QuantWindowAttention
+from quant.vit.calibrate import quantize_transformer
+from quant.vit.layers import transformer_linear
+from quant.vit.quantizers import LogQuantizer, LogSqrt2Quantizer, SearchedUniformQuantizer
 from quant.vit.reparam import fold_input_scales
 
 MODELS = {
@@ -85,8 +81,11 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_is_transformer(name: str) -> None:
-    assert is_transformer(MODELS[name]())
-    assert not is_transformer(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(10)))
+    assert quant.model_family(MODELS[name]()) == "transformer"
+    assert transformer_problem(MODELS[name]()) == (True, None)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(10))
+    assert quant.model_family(cnn) == "cnn"
+    assert transformer_problem(cnn) == (False, None)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -94,10 +93,11 @@ def test_explicit_attention_equals_timm_in_float(name: str, data) -> None:
     """With quantization off, the rewritten model (incl. Swin's bias and shift mask) is timm's."""
     model = _make(name)
     calib, x = data
-    q = quantize_vit(model, calib, SimpleNamespace(wbits=8, abits=8))
+    q = quant.quantize(model, calib, TransformerSettings(wbits=8, abits=8))
+    assert q.family == "transformer" and q.method == "repq-vit"
     attn_types = {type(m) for m in q.modules()} & {QuantAttention, QuantWindowAttention}
     assert attn_types == {QuantWindowAttention if name == "swin" else QuantAttention}
-    set_quant_enabled(q, False)
+    set_quant_state(q, False)
     # re-parameterization changed the affines, not the float function
     with torch.no_grad():
         torch.testing.assert_close(q(x), model(x), rtol=1e-4, atol=1e-5)
@@ -107,7 +107,7 @@ def test_explicit_attention_equals_timm_in_float(name: str, data) -> None:
 def test_w8a8_close_to_fp32(name: str, data) -> None:
     model = _make(name)
     calib, x = data
-    q = quantize_vit(model, calib, SimpleNamespace(wbits=8, abits=8))
+    q = quant.quantize(model, calib, TransformerSettings(wbits=8, abits=8))
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert not torch.equal(ref, out)  # it did quantize
@@ -123,9 +123,9 @@ def test_reparameterized_equals_per_channel(name: str, data) -> None:
     """
     model = _make(name)
     calib, x = data
-    cfg = SimpleNamespace(wbits=32, abits=4, first_last_bits=32)
-    per_channel = quantize_vit(model, calib, cfg, reparam=False)
-    folded = quantize_vit(model, calib, cfg)
+    cfg = dict(wbits=32, abits=4, first_last_bits=32)
+    per_channel = quant.quantize(model, calib, TransformerSettings(**cfg, reparam=False))
+    folded = quant.quantize(model, calib, TransformerSettings(**cfg))
 
     def act_axes(m: nn.Module) -> set:
         return {q.ch_axis for q in m.modules() if isinstance(q, SearchedUniformQuantizer)}
@@ -142,81 +142,111 @@ def test_reparameterized_equals_per_channel(name: str, data) -> None:
 def test_w4a4_end_to_end(name: str, data) -> None:
     model = _make(name)
     calib, x = data
-    q = quantize_vit(model, calib, SimpleNamespace(wbits=4, abits=4, seed=0, device="cpu"))
+    q = quant.quantize(model, calib, TransformerSettings(wbits=4, abits=4, seed=0, device="cpu"))
     with torch.no_grad():
         out, ref = q(x), model(x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert _cosine(out, ref) > 0.5
     assert q.calibration_seconds > 0
-    assert isinstance(model.get_classifier(), nn.Linear)  # the input model is untouched
+    # the input model is untouched (an exact type check: the quantized Linear subclasses nn.Linear)
+    assert type(model.get_classifier()) is nn.Linear
 
 
-def test_config_object_of_the_cnn_path_is_accepted(data) -> None:
-    """`quant.ptq.QuantConfig`-like objects (extra fields, first_last_bits=None) work duck-typed."""
-
-    @dataclass
-    class OtherConfig:
-        wbits: int = 6
-        abits: int = 6
-        method: str = "genie-m"
-        iters: int = 10
-        first_last_bits: int | None = None
-        seed: int = 0
-        device: str = "cpu"
-
-    q = quantize_vit(_make("vit"), data[0], OtherConfig())
-    patch = q.patch_embed.proj
+def test_first_last_bits_none_quantizes_the_edges_like_the_rest(data) -> None:
+    """`first_last_bits=None`: the patch embedding (weights and image input) and the classifier take
+    `wbits`/`abits` too. The CNN path's settings are not taken for a transformer (they were once
+    read duck-typed): they are refused in one line."""
+    q = quant.quantize(_make("vit"), data[0], TransformerSettings(wbits=6, abits=6, first_last_bits=None))
+    patch = q.model.patch_embed.proj
     assert patch.weight_quantizer.bits == 6 and patch.input_quantizer.bits == 6
-    assert q.get_classifier().weight_quantizer.bits == 6
+    assert q.model.get_classifier().weight_quantizer.bits == 6
+    with pytest.raises(QuantError, match="TransformerSettings, got CNNSettings") as info:
+        quant.quantize(
+            _make("vit"), data[0], CNNSettings(wbits=6, abits=6, method="rtn", first_last_bits=None)
+        )
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
     "cfg",
     [
-        SimpleNamespace(wbits=1, abits=8),
-        SimpleNamespace(wbits=8, abits=9),
-        SimpleNamespace(wbits=8, abits=8, first_last_bits=0),
-        SimpleNamespace(wbits=8, abits=8, calib_size=0),
-        SimpleNamespace(abits=8),
+        dict(wbits=1, abits=8),
+        dict(wbits=8, abits=9),
+        dict(wbits=8, abits=8, first_last_bits=0),
+        dict(wbits=8, abits=8, calib_size=0),
+        dict(wbits=8, abits=8, iters=-1),
+        dict(wbits=8, abits=8, method="rtn"),  # a CNN method
     ],
 )
-def test_bad_config_is_a_quant_error(cfg, data) -> None:
+def test_bad_config_is_a_quant_error(cfg) -> None:
+    """Refused when the settings are made, before any model is touched."""
     with pytest.raises(QuantError):
-        quantize_vit(_make("vit"), data[0], cfg)
+        TransformerSettings(**cfg)
+
+
+def test_unknown_setting_is_a_quant_error() -> None:
+    """A field this path does not have (the settings are no longer read duck-typed from any object,
+    where a missing or misnamed field was the error) is refused by name."""
+    with pytest.raises(QuantError, match="TransformerSettings has no setting 'recon_images'"):
+        quant.settings_for("transformer", wbits=8, abits=8, recon_images=16)
 
 
 def test_bad_calibration_is_a_quant_error() -> None:
+    settings = TransformerSettings(wbits=8, abits=8)
     with pytest.raises(QuantError):
-        quantize_vit(_make("vit"), torch.randn(0, 3, 32, 32), SimpleNamespace(wbits=8, abits=8))
+        quant.quantize(_make("vit"), torch.randn(0, 3, 32, 32), settings)
     with pytest.raises(QuantError):
-        quantize_vit(
-            _make("vit"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), SimpleNamespace(wbits=8, abits=8)
-        )
+        quant.quantize(_make("vit"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), settings)
+    with pytest.raises(QuantError):  # the path's own entry point checks too
+        quantize_transformer(_make("vit"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), settings)
 
 
 def test_calib_size_limits_the_batch(data) -> None:
     """Only the first `calib_size` images set the grids."""
     calib = data[0]
-    cfg = SimpleNamespace(wbits=8, abits=8, calib_size=8)
-    a = quantize_vit(_make("vit"), calib, cfg)
-    b = quantize_vit(_make("vit"), torch.cat([calib[:8], 100 * calib[8:]]), cfg)
+    cfg = TransformerSettings(wbits=8, abits=8, calib_size=8)
+    a = quant.quantize(_make("vit"), calib, cfg)
+    b = quant.quantize(_make("vit"), torch.cat([calib[:8], 100 * calib[8:]]), cfg)
     torch.testing.assert_close(a.state_dict(), b.state_dict())
 
 
-def test_quant_config_passes_its_calibration_size(data) -> None:
-    """`QuantConfig.vit_calib_size` (`dfq quantize --vit-calib-size`) is the ViT path's `calib_size`;
-    a size below 1 is refused by name."""
-    from quant.errors import QuantError
-    from quant.ptq import QuantConfig, quantize_model
+def test_cli_calibration_size_is_the_paths_calib_size(data) -> None:
+    """`dfq quantize --calib-size` (alias `--vit-calib-size`) is the transformer path's `calib_size`,
+    which the front door passes on unchanged; a size below 1 is refused by name."""
+    from launch.cli import build_parser
+    from launch.cmd_quantize import _settings
 
+    for flag in ("--calib-size", "--vit-calib-size"):
+        args = build_parser().parse_args(
+            [
+                "quantize",
+                "--model",
+                "m",
+                "--calib",
+                "noise",
+                "--out",
+                "o",
+                "--wbits",
+                "8",
+                "--abits",
+                "8",
+                flag,
+                "8",
+            ]
+        )
+        assert _settings(args, "transformer", None) == TransformerSettings(wbits=8, abits=8, calib_size=8)
     calib = data[0]
-    ours = quantize_model(_make("vit"), calib, QuantConfig(wbits=8, abits=8, vit_calib_size=8))
-    direct = quantize_vit(_make("vit"), calib, SimpleNamespace(wbits=8, abits=8, calib_size=8))
-    torch.testing.assert_close(ours.state_dict(), direct.state_dict())
-    wide = quantize_model(_make("vit"), calib, QuantConfig(wbits=8, abits=8, vit_calib_size=len(calib)))
-    assert any(not torch.equal(v, wide.state_dict()[k]) for k, v in ours.state_dict().items())
-    with pytest.raises(QuantError, match="vit_calib_size must be >= 1, got 0"):
-        QuantConfig(wbits=8, abits=8, vit_calib_size=0)
+    ours = quant.quantize(
+        _make("vit"), calib, quant.settings_for("transformer", wbits=8, abits=8, calib_size=8)
+    )
+    direct, _, _ = quantize_transformer(
+        _make("vit"), calib, TransformerSettings(wbits=8, abits=8, calib_size=8)
+    )
+    torch.testing.assert_close(ours.model.state_dict(), direct.state_dict())
+    wide = quant.quantize(_make("vit"), calib, TransformerSettings(wbits=8, abits=8, calib_size=len(calib)))
+    assert any(not torch.equal(v, wide.model.state_dict()[k]) for k, v in ours.model.state_dict().items())
+    with pytest.raises(QuantError, match="calib_size must be an integer >= 1, got 0"):
+        TransformerSettings(wbits=8, abits=8, calib_size=0)
 
 
 # -- the pieces --------------------------------------------------------------------------------
@@ -230,7 +260,7 @@ def test_fold_input_scales_is_exact(bias: bool) -> None:
     with torch.no_grad():
         norm.weight.copy_(torch.randn(24) * 3)
         norm.bias.copy_(torch.randn(24))
-    linear = QuantLinear(nn.Linear(24, 12, bias=bias), wbits=32, abits=4, per_channel_input=True)
+    linear = transformer_linear(nn.Linear(24, 12, bias=bias), wbits=32, abits=4, per_channel_input=True)
     x = torch.randn(8, 5, 24)
     with torch.no_grad():
         ref = linear(norm(x))  # calibrates the per-channel input grid

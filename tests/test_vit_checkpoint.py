@@ -1,6 +1,6 @@
 """benchmarks.vit_checkpoint: the CIFAR-10 ViT checkpoint layout converts into timm exactly.
 
-A random state dict in the checkpoint's own layout (names and shapes as in ASSETS.md's file) is
+A random state dict in the checkpoint's own layout (names and shapes as in the file benchmarks/README.md describes) is
 converted, loaded strictly, and the timm model's logits are checked against a direct
 implementation of the source architecture that reads the source tensors by their own names.
 """

@@ -1,22 +1,22 @@
 """GPTQ weight rounding of the ViT path (quant.vit.gptq).
 
 What must hold: GPTQ's weights lie on the layer's calibrated grid and give a smaller output error on
-the calibration inputs than nearest rounding on the same grid; in `quantize_vit` it is the default,
+the calibration inputs than nearest rounding on the same grid; in `quant.quantize` it is the default,
 stored as a hard rounding that leaves the float weights (and so the float model) untouched.
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
 from torch import nn
 
+import quant
+from quant import TransformerSettings
 from quant.errors import QuantError
+from quant.modules import QuantLinear, set_quant_state
 from quant.quantizers import UniformQuantizer, fake_quant
-from quant.vit import QuantLinear, quantize_vit, set_quant_enabled
 from quant.vit.gptq import gptq_quantize_weight
 from tests.test_vit import _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
@@ -85,13 +85,13 @@ def _vit() -> nn.Module:
     ).eval()
 
 
-def test_quantize_vit_rounds_by_gptq_by_default() -> None:
+def test_quantize_rounds_a_vit_by_gptq_by_default() -> None:
     model = _vit()
     g = torch.Generator().manual_seed(2)
     calib, x = torch.randn(32, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
-    cfg = SimpleNamespace(wbits=3, abits=32, first_last_bits=8)  # weights only: isolate the rounding
-    q = quantize_vit(model, calib, cfg)
-    nearest = quantize_vit(model, calib, SimpleNamespace(**vars(cfg), gptq=False))
+    cfg = dict(wbits=3, abits=32, first_last_bits=8)  # weights only: isolate the rounding
+    q = quant.quantize(model, calib, TransformerSettings(**cfg))
+    nearest = quant.quantize(model, calib, TransformerSettings(**cfg, gptq=False))
     linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert linears and all(m.ada is not None and not m.ada.soft for m in linears)
     assert not any(p.requires_grad for p in q.parameters())
@@ -105,7 +105,7 @@ def test_quantize_vit_rounds_by_gptq_by_default() -> None:
         err_gptq = (q(calib) - ref).pow(2).mean()
         err_nearest = (nearest(calib) - ref).pow(2).mean()
         assert err_gptq < err_nearest
-        set_quant_enabled(q, False)  # the float weights were left alone
+        set_quant_state(q, False)  # the float weights were left alone
         torch.testing.assert_close(q(x), model(x), rtol=1e-4, atol=1e-5)
 
 
@@ -124,7 +124,7 @@ def test_reconstruction_starts_from_gptq_rounding(start: str) -> None:
 
     model = _vit()
     calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    q = quantize_vit(model, calib, SimpleNamespace(wbits=3, abits=4, gptq=False))
+    q = quant.quantize(model, calib, TransformerSettings(wbits=3, abits=4, gptq=False)).model
     compensated = gptq_round(q, calib)
     block_linears = {
         n: m for n, m in q.named_modules() if isinstance(m, QuantLinear) and n.startswith("blocks.")
@@ -147,20 +147,18 @@ def test_reconstruction_starts_from_gptq_rounding(start: str) -> None:
     assert start == "gptq" or differs > 0
 
 
-def test_quantize_vit_with_reconstruction_rounds_the_head_by_gptq() -> None:
+def test_vit_reconstruction_rounds_the_head_by_gptq() -> None:
     """The head lies outside every block: with reconstruction on it keeps GPTQ's rounding."""
     model = _vit()
     calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    q = quantize_vit(model, calib, SimpleNamespace(wbits=4, abits=4, recon_iters=2, recon_images=32))
+    q = quant.quantize(model, calib, TransformerSettings(wbits=4, abits=4, iters=2)).model  # all 32 images
     block_linears = [m for m in q.blocks.modules() if isinstance(m, QuantLinear)]
     assert block_linears and all(m.ada is not None and not m.ada.soft for m in block_linears)
     assert q.get_classifier().ada is not None
-    plain = quantize_vit(
-        model, calib, SimpleNamespace(wbits=4, abits=4, recon_iters=2, recon_images=32, gptq=False)
-    )
+    plain = quant.quantize(model, calib, TransformerSettings(wbits=4, abits=4, iters=2, gptq=False)).model
     assert plain.get_classifier().ada is None
 
 
 def test_gptq_flag_must_be_a_bool() -> None:
     with pytest.raises(QuantError, match="gptq"):
-        quantize_vit(_vit(), torch.randn(4, 3, 32, 32), SimpleNamespace(wbits=8, abits=8, gptq="yes"))
+        TransformerSettings(wbits=8, abits=8, gptq="yes")

@@ -7,15 +7,14 @@ a dark, BN-distilled pool caused on the real CIFAR-10 ViT); without it the grid 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import timm
 import torch
 
+import quant
+from quant import TransformerSettings
 from quant.data import input_range
 from quant.errors import QuantError
-from quant.vit import quantize_vit
 from tests.test_vit import _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
 
@@ -46,8 +45,8 @@ def test_grid_spans_the_range_not_the_calibration_images() -> None:
     dark = torch.rand(32, 3, 32, 32, generator=g) * 1.5 - 2.0  # a pool that never gets bright: [-2, -0.5]
     bright = torch.rand(16, 3, 32, 32, generator=g) * 4.0 - 2.0  # real inputs span [-2, 2]
     cfg = dict(wbits=8, abits=8)
-    fitted = quantize_vit(model, dark, SimpleNamespace(**cfg))
-    fixed = quantize_vit(model, dark, SimpleNamespace(**cfg, input_range=(-2.0, 2.0)))
+    fitted = quant.quantize(model, dark, TransformerSettings(**cfg)).model
+    fixed = quant.quantize(model, dark, TransformerSettings(**cfg, input_range=(-2.0, 2.0))).model
     lo, hi = _span(fixed.patch_embed.proj.input_quantizer)
     step = 4.0 / 255
     assert lo == pytest.approx(-2.0, abs=step) and hi == pytest.approx(2.0, abs=step)
@@ -61,4 +60,4 @@ def test_grid_spans_the_range_not_the_calibration_images() -> None:
 @pytest.mark.parametrize("bad", [(1.0, 0.0), (0.0,), ("a", "b"), 3.0, (True, 2.0)])
 def test_bad_input_range_is_refused(bad) -> None:
     with pytest.raises(QuantError, match="input_range"):
-        quantize_vit(_vit(), torch.randn(4, 3, 32, 32), SimpleNamespace(wbits=8, abits=8, input_range=bad))
+        TransformerSettings(wbits=8, abits=8, input_range=bad)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from quant.vit import quantize_vit, set_quant_enabled
+import quant
+from quant import CNNSettings, TransformerSettings
+from quant.errors import QuantError
+from quant.modules import set_quant_state
 from quant.vit.reconstruct import transformer_blocks
 from tests.test_vit import _make, _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
@@ -18,10 +19,10 @@ def _block_error(q, model, name: str, x: torch.Tensor) -> float:
     seen = {}
     h = block.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
     with torch.no_grad():
-        set_quant_enabled(q, False)
+        set_quant_state(q, False)
         q(x)
         x_fp, y_fp = seen["x"], seen["y"]
-        set_quant_enabled(q, True)
+        set_quant_state(q, True)
         out = block(x_fp)
     h.remove()
     return (out - y_fp).pow(2).sum(-1).mean().item()
@@ -40,11 +41,12 @@ def test_reconstruction_lowers_block_error_and_leaves_hard_rounding() -> None:
     calib, held_out = torch.randn(64, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g)
     cfg = dict(wbits=3, abits=4, seed=0)
     # the start reconstruction refines: nearest rounding on the calibrated grids (GPTQ is the
-    # no-reconstruction default and runs only when recon_iters is 0)
-    base = quantize_vit(model, calib, SimpleNamespace(**cfg, gptq=False))
-    rec = quantize_vit(model, calib, SimpleNamespace(**cfg, recon_iters=300, recon_images=64))
-    assert set(rec.reconstruction_history) == {"blocks.0", "blocks.1"}
-    for curve in rec.reconstruction_history.values():
+    # no-reconstruction default and runs only when iters is 0)
+    base = quant.quantize(model, calib, TransformerSettings(**cfg, gptq=False)).model
+    result = quant.quantize(model, calib, TransformerSettings(**cfg, iters=300))  # all 64 images
+    rec = result.model
+    assert set(result.history) == {"blocks.0", "blocks.1"}
+    for curve in result.history.values():
         assert len(curve) == 300 and all(torch.isfinite(torch.tensor(curve)))
     # on held-out inputs, each block (hard rounding, no dropping) now tracks the float block better
     for block in ("blocks.0", "blocks.1"):
@@ -59,18 +61,33 @@ def test_reconstruction_lowers_block_error_and_leaves_hard_rounding() -> None:
     assert not any(p.requires_grad for p in rec.parameters())
 
 
-def test_quantize_model_reconstructs_a_transformer_only_when_asked() -> None:
-    """The CNN `QuantConfig` (whose `iters` default is the CNN recipe's 20k) reaches ViT reconstruction
-    through `vit_recon_iters` alone; reconstruction reads every calibration image."""
-    from quant.ptq import QuantConfig, quantize_model
+def test_quantize_reconstructs_a_transformer_only_when_asked() -> None:
+    """The transformer default (repq-vit: `iters` 0, not the CNN recipe's 20k) does not reconstruct;
+    `iters` turns it on; reconstruction reads every calibration image. The CNN path's settings (and
+    so its 20k-iteration default) are refused for a transformer."""
+    from quant.vit import reconstruct as vit_reconstruct
 
     model = _make("vit")
     calib = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    plain = quantize_model(model, calib, QuantConfig(wbits=4, abits=4))
-    assert not hasattr(plain, "reconstruction_history")
-    rec = quantize_model(model, calib, QuantConfig(wbits=4, abits=4, vit_recon_iters=3, batch_size=8))
-    assert set(rec.reconstruction_history) == {"blocks.0", "blocks.1"}
-    assert all(len(curve) == 3 for curve in rec.reconstruction_history.values())
+    plain = quant.quantize(model, calib, TransformerSettings(wbits=4, abits=4))
+    assert plain.settings.iters == 0 and plain.history == {} and plain.seconds_per_iter == {}
+    assert quant.quantize(model, calib).settings == TransformerSettings()  # settings None: the same default
+    seen = []
+    real = vit_reconstruct.reconstruct_vit
+
+    def spy(qmodel, data, *args, **kwargs):
+        seen.append(data.shape[0])
+        return real(qmodel, data, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("quant.vit.calibrate.reconstruct_vit", spy)
+        rec = quant.quantize(model, calib, TransformerSettings(wbits=4, abits=4, iters=3, calib_size=16))
+    assert seen == [40]  # every calibration image, not the first calib_size (16)
+    assert set(rec.history) == {"blocks.0", "blocks.1"}
+    assert all(len(curve) == 3 for curve in rec.history.values())
+    assert all(v > 0 for v in rec.seconds_per_iter.values())
+    with pytest.raises(QuantError):
+        quant.quantize(model, calib, CNNSettings(wbits=4, abits=4))
 
 
 @pytest.mark.parametrize("name", ["vit", "swin"])
@@ -83,10 +100,10 @@ def test_chained_block_inputs_equal_captured_ones(name: str) -> None:
 
     model = _make(name)
     calib = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    cfg = SimpleNamespace(wbits=4, abits=4, seed=0)
+    cfg = TransformerSettings(wbits=4, abits=4, seed=0)
     runs = []
     for chain in (True, False):
-        q = quantize_vit(model, calib, cfg)
+        q = quant.quantize(model, calib, cfg).model
         settings = ReconSettings(iters=4, batch_size=8, round_weight=1.0)
         hist = reconstruct_vit(q, calib, settings, torch.Generator().manual_seed(0), chain=chain)
         with torch.no_grad():

@@ -3,22 +3,22 @@
 What must hold: the rotated model computes the same function (ViT, DeiT and Swin attention); it
 is what the 4-bit q and k grids see that changes, and for heads with outlier dimensions the
 per-tensor 4-bit error of q @ k^T falls; attentions where a rotation would not be exact are left
-alone; `quantize_vit` rotates by default and not with `rotate_heads=False`.
+alone; `quant.quantize` rotates a transformer by default and not with `rotate_heads=False`.
 """
 
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
 from timm.layers import Attention
 
+import quant
+from quant import TransformerSettings
 from quant.errors import QuantError
 from quant.quantizers import fake_quant, grid_from_range
-from quant.vit import quantize_vit
 from quant.vit.rotate import hadamard, rotate_heads
 from tests.test_vit import _make, _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
@@ -111,15 +111,15 @@ def test_by_default_only_q_and_k_rotate() -> None:
     assert not torch.equal(attn.qkv.weight[:128], ref.qkv.weight[:128])
 
 
-def test_quantize_vit_rotates_by_default_and_can_be_told_not_to() -> None:
+def test_quantize_rotates_a_vit_by_default_and_can_be_told_not_to() -> None:
     model = timm.create_model(
         "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10
     ).eval()
     calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     cfg = dict(wbits=8, abits=8, calib_size=8, gptq=False)
     # reparam=False: the weights as calibrated, before the LayerNorm scales are folded into them
-    rotated = quantize_vit(model, calib, SimpleNamespace(**cfg), reparam=False)
-    plain = quantize_vit(model, calib, SimpleNamespace(**cfg, rotate_heads=False), reparam=False)
+    rotated = quant.quantize(model, calib, TransformerSettings(**cfg, reparam=False)).model
+    plain = quant.quantize(model, calib, TransformerSettings(**cfg, rotate_heads=False, reparam=False)).model
     w0 = model.blocks[0].attn.qkv.weight
     assert torch.equal(plain.blocks[0].attn.qkv.weight, w0)
     h = hadamard(16).float()
@@ -127,4 +127,4 @@ def test_quantize_vit_rotates_by_default_and_can_be_told_not_to() -> None:
         rows = slice(16 * head, 16 * (head + 1))
         assert torch.allclose(rotated.blocks[0].attn.qkv.weight[rows], h.t() @ w0[rows], atol=1e-6)
     with pytest.raises(QuantError, match="rotate_heads"):
-        quantize_vit(model, calib, SimpleNamespace(**cfg, rotate_heads="yes"))
+        TransformerSettings(**cfg, rotate_heads="yes")

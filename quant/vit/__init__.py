@@ -1,34 +1,29 @@
-"""Post-training quantization of vision transformers (timm ViT, DeiT, Swin), RepQ-ViT style.
+"""The transformer path: RepQ-ViT-style calibration of vision transformers (`quantize_transformer`).
 
-Public API: `is_transformer(model)` and `quantize_vit(model, calib, config)`; the pieces
-(quantizers, quantized layers, explicit attention, re-parameterization) live in their own modules.
+It takes timm's ViT / DeiT / Swin attention; `transformer_problem` says whether a model is a
+transformer this path quantizes, or names the attention it cannot take. The pieces (quantizers, the
+matmul op, explicit attention, re-parameterization, rotation, GPTQ, reconstruction) are modules here.
 """
 
 from __future__ import annotations
 
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .calibrate import ViTQuantSettings, quantize_vit
-from .layers import QuantConv2d, QuantLinear, QuantMatMul, set_quant_enabled
-from .quantizers import LogQuantizer, LogSqrt2Quantizer, SearchedUniformQuantizer
+from .attention import attention_problem, supported_attention
+from .calibrate import TransformerSettings, quantize_transformer, rebuild_transformer
 
 
-def is_transformer(model: nn.Module) -> bool:
-    """Whether `model` is a timm transformer this path quantizes (ViT and DeiT, Swin)."""
-    return isinstance(model, (VisionTransformer, SwinTransformer))
+def transformer_problem(model: nn.Module) -> tuple[bool, str | None]:
+    """(whether `model` has attention, or one line naming the module path and type of the first
+    attention-like module this path cannot quantize). Supported: timm `Attention` / Swin
+    `WindowAttention`, `nn.MultiheadAttention`, `nn.TransformerEncoderLayer` (`torch_attention`)."""
+    found = False
+    for name, module in model.named_modules():
+        problem = attention_problem(module)
+        if problem is not None:
+            return True, f"{name or 'the model'}: {type(module).__name__} {problem}"
+        found = found or supported_attention(module)
+    return found, None
 
 
-__all__ = [
-    "LogQuantizer",
-    "LogSqrt2Quantizer",
-    "QuantConv2d",
-    "QuantLinear",
-    "QuantMatMul",
-    "SearchedUniformQuantizer",
-    "ViTQuantSettings",
-    "is_transformer",
-    "quantize_vit",
-    "set_quant_enabled",
-]
+__all__ = ["TransformerSettings", "quantize_transformer", "rebuild_transformer", "transformer_problem"]

@@ -4,6 +4,7 @@ timm's `Attention` and Swin's `WindowAttention` may call `F.scaled_dot_product_a
 hides q @ k^T, the softmax output and attn @ v inside one kernel. The modules here compute the
 same function step by step, with a `QuantMatMul` at each product: q and k on uniform grids, the
 softmax output on the log-sqrt2 grid, v on a uniform grid. Parameters keep their timm names.
+PyTorch's own `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` get theirs in `torch_attention`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from .layers import QuantMatMul
+from .torch_attention import encoder_layer_problem, mha_problem
 
 
 def _additive_mask(attn: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
@@ -92,6 +94,33 @@ class QuantWindowAttention(nn.Module):
             attn = attn.view(-1, self.num_heads, n, n)
         x = self.matmul_av(self.attn_drop(attn.softmax(dim=-1)), v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+def supported_attention(module: nn.Module) -> bool:
+    """Whether there is an explicit-matmul form of `module` (here or in `torch_attention`)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return mha_problem(module) is None
+    return isinstance(module, WindowAttention) or type(module) is Attention
+
+
+def attention_problem(module: nn.Module) -> str | None:
+    """What the transformer path cannot take about `module`, as the end of one line (None: nothing)."""
+    if isinstance(module, (nn.TransformerDecoderLayer, nn.TransformerDecoder)):
+        return "(decoder cross-attention) is not supported by the transformer path"
+    if isinstance(module, nn.TransformerEncoderLayer) and encoder_layer_problem(module) is not None:
+        return f"is not supported by the transformer path ({encoder_layer_problem(module)})"
+    if is_attention(module) and not supported_attention(module):
+        reason = mha_problem(module) if isinstance(module, nn.MultiheadAttention) else None
+        return "attention is not supported by the transformer path" + (f" ({reason})" if reason else "")
+    return None
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Whether `module` computes multi-head attention (supported here or not)."""
+    if isinstance(module, (nn.MultiheadAttention, Attention, WindowAttention)):
+        return True
+    heads = getattr(module, "num_heads", getattr(module, "n_heads", None))  # e.g. torchvision's MaxViT
+    return isinstance(heads, int) and any(isinstance(c, nn.Linear) for c in module.children())
 
 
 def quantized_attention(module: nn.Module, abits: int, sqrt2_only: bool = False) -> nn.Module | None:

@@ -1,6 +1,6 @@
-"""RepQ-ViT-style post-training quantization of a timm ViT / DeiT / Swin from one calibration batch.
+"""The transformer path: RepQ-ViT-style calibration of a vision transformer from one batch.
 
-The steps, in order (`quantize_vit`):
+The steps, in order (`quantize_transformer`):
 1. copy the model; with `rotate_heads` (the default) fold a per-head Hadamard rotation into the
    copy's q and k weights (`rotate.py`: q @ k^T is unchanged, the 4-bit q and k grids see evened-out
    channel ranges); swap its layers for fake-quantized ones (`convert.py`): per-channel weight
@@ -15,7 +15,7 @@ The steps, in order (`quantize_vit`):
    refitted to their new weights;
 3b. GPTQ weight rounding on those grids (`gptq.py`, `gptq=True`, the default): each Linear's
    rounding error is compensated on the calibration inputs instead of rounding to nearest;
-4. optionally (`recon_iters > 0`), block reconstruction on top (`reconstruct.py`: AdaRound + learned
+4. optionally (`iters > 0`), block reconstruction on top (`reconstruct.py`: AdaRound + learned
    weight and activation steps + QDrop's input mix, block by block against the float outputs). It
    learns the rounding itself, starting from GPTQ's compensated weights (so from GPTQ's rounding)
    when `gptq` is on, else from the weights themselves (round-to-nearest).
@@ -31,74 +31,79 @@ import torch
 from torch import nn
 
 from ..errors import QuantError
-from ..quantizers import check_bits, grid_from_range
+from ..methods import DEFAULT_METHOD, TRANSFORMER, get_method
+from ..modules import QuantConv2d
+from ..quantizers import check_bits, check_device, grid_from_range
+from ..reconstruct import ReconResult, ReconSettings
 from .convert import convert_to_quantized, norm_linear_pairs
-from .layers import QuantConv2d
+from .gptq import gptq_round
+from .reconstruct import reconstruct_vit
 from .reparam import fold_input_scales
 from .rotate import rotate_heads
 
 
 @dataclass(frozen=True)
-class ViTQuantSettings:
-    """The settings this path reads from any config object (the CNN `QuantConfig` included)."""
+class TransformerSettings:
+    """What the transformer path quantizes to and how (defaults: RepQ-ViT's recipe plus the head
+    rotation and GPTQ rounding, which measured better on held-out images; docs/results.md)."""
 
-    wbits: int
-    abits: int
-    seed: int = 0
-    device: str = "cpu"
-    #: images the calibration pass and GPTQ read (the first of `calib`). 64, not RepQ-ViT's 32: on the
-    #: CIFAR-10 ViT, 64-image grids cut the KL to fp32 on held-out real images by 11-14% at W4A4/W6A6
-    #: (README), in about half the peer's 32-image time here
+    wbits: int = 4
+    abits: int = 4
+    method: str = DEFAULT_METHOD[TRANSFORMER]
+    #: block reconstruction iterations per block on top of the calibration (None: the method's, 0)
+    iters: int | None = None
+    #: images the calibration pass and GPTQ read (the first of the calibration set; RepQ-ViT used 32)
     calib_size: int = 64
+    #: bits of the patch embedding (weights and image input) and of the classifier weights
+    #: (None: `wbits` / `abits` there too)
     first_last_bits: int | None = 8
-    head_wbits: int | None = None
+    #: fold the per-channel post-LayerNorm grids (the classifier's input's too, where pooling
+    #: commutes with them) into the LayerNorm and next Linear (RepQ-ViT); False: keep them per channel
     reparam: bool = True
-    fold_head: bool = True
+    #: post-softmax grid pinned to log-sqrt2 (RepQ-ViT); False: a finer base where the bits allow
     log_sqrt2_only: bool = False
-    #: per-head Hadamard rotation of q and k folded into the attention weights before
-    #: calibration (`rotate.py`; False: the weights as given, as RepQ-ViT)
+    #: fold a per-head Hadamard rotation into q and k before calibration (q @ k^T is unchanged)
     rotate_heads: bool = True
     #: GPTQ weight rounding after calibration (False: round to nearest, as RepQ-ViT)
     gptq: bool = True
-    #: block reconstruction on top of the calibration (0: none); it reads `recon_images` images
-    recon_iters: int = 0
-    recon_images: int = 1024
-    #: (lowest, highest) value of the model input (`quant.data.input_range` of its preprocessing):
-    #: the patch-embedding input grid covers it instead of being fitted to the calibration images.
-    #: None: fitted (right for real images; data-free pools may not span the input range)
+    #: (lowest, highest) model input: the patch-embedding input grid covers it instead of being
+    #: fitted to the calibration images (`quant.data.input_range`; for pools that may not span it)
     input_range: tuple[float, float] | None = None
+    seed: int = 0
+    device: str = "cpu"
 
-    @classmethod
-    def from_config(cls, config: object, **overrides: object) -> ViTQuantSettings:
-        """Read attributes duck-typed, with defaults, and validate them."""
-        fields = {f: getattr(config, f) for f in cls.__dataclass_fields__ if hasattr(config, f)}
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        if "wbits" not in fields or "abits" not in fields:
-            raise QuantError("the quantization config needs `wbits` and `abits`")
-        s = cls(**fields)
-        check_bits(s.wbits, "wbits")
-        check_bits(s.abits, "abits")
-        if s.first_last_bits is not None:
-            check_bits(s.first_last_bits, "first_last_bits")
-        if s.head_wbits is not None:
-            check_bits(s.head_wbits, "head_wbits")
-        for name in ("reparam", "fold_head", "log_sqrt2_only", "gptq", "rotate_heads"):
-            if not isinstance(getattr(s, name), bool):
-                raise QuantError(f"{name} must be true or false, got {getattr(s, name)!r}")
-        if s.input_range is not None:
-            r = s.input_range
+    def __post_init__(self) -> None:
+        method = get_method(self.method, TRANSFORMER)
+        for name, value in method.defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if isinstance(self.input_range, list):
+            object.__setattr__(self, "input_range", tuple(self.input_range))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `QuantError` for any value that cannot be run."""
+        check_bits(self.wbits, "wbits")
+        check_bits(self.abits, "abits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        for name in ("reparam", "log_sqrt2_only", "gptq", "rotate_heads"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.input_range is not None:
+            r = self.input_range
             if (
-                not isinstance(r, (tuple, list))
+                not isinstance(r, tuple)
                 or len(r) != 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
                 or not r[0] < r[1]
             ):
                 raise QuantError(f"input_range must be (low, high) numbers with low < high, got {r!r}")
-        for name, low in (("calib_size", 1), ("recon_iters", 0), ("recon_images", 1)):
-            v = getattr(s, name)
+        for name, low in (("calib_size", 1), ("iters", 0), ("seed", 0)):
+            v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise QuantError(f"{name} must be an integer >= {low}, got {v!r}")
-        return s
+        check_device(self.device)
 
 
 def _fix_input_grids(qmodel: nn.Module, value_range: tuple[float, float]) -> None:
@@ -109,7 +114,11 @@ def _fix_input_grids(qmodel: nn.Module, value_range: tuple[float, float]) -> Non
     """
     lo, hi = (torch.tensor(float(v)) for v in value_range)
     for module in qmodel.modules():
-        if isinstance(module, QuantConv2d) and module.input_quantizer.enabled:
+        if (
+            isinstance(module, QuantConv2d)
+            and module.input_quantizer is not None
+            and module.input_quantizer.enabled
+        ):
             quantizer = module.input_quantizer
             scale, zero_point = grid_from_range(lo, hi, quantizer.qmin, quantizer.qmax, symmetric=False)
             quantizer.set_grid(scale, zero_point)
@@ -124,30 +133,12 @@ def _check_calib(calib: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def quantize_vit(
-    model: nn.Module,
-    calib: torch.Tensor,
-    config: object,
-    reparam: bool | None = None,
-) -> nn.Module:
-    """A fake-quantized copy of a timm transformer, calibrated on (the first `calib_size` of) `calib`.
-
-    `config` needs `wbits` and `abits`; optional: `seed`, `device`, `calib_size` (64),
-    `first_last_bits` (8: patch-embedding weights and input; None: `wbits`/`abits` there too),
-    `head_wbits` (default `first_last_bits`, else `wbits`), `reparam` (True), `fold_head` (True:
-    the classifier input gets a folded per-channel grid too, exact since pooling commutes with it),
-    `log_sqrt2_only` (False: the post-softmax log grid may use a finer base than sqrt2 where the
-    bits allow; True: RepQ-ViT's log-sqrt2 everywhere), `gptq` (True: GPTQ weight rounding on the
-    calibration batch, and reconstruction starts from it; False: nearest rounding), `input_range`
-    (None: the patch-embedding input grid is fitted like the others; (low, high): it covers that
-    range, see `quant.data.input_range`), `rotate_heads` (True: per-head Hadamard rotation of q and
-    k folded into the weights first; False: RepQ-ViT's weights as given). `reparam=False` returns
-    the per-channel model before folding, which computes the same function up to the refitted
-    weight grids of the folded Linears.
-    The input model is left untouched; the copy's `calibration_seconds` attribute says how long
-    steps 1-3 took.
-    """
-    settings = ViTQuantSettings.from_config(config, reparam=reparam)
+def quantize_transformer(
+    model: nn.Module, calib: torch.Tensor, settings: TransformerSettings, progress: bool = False
+) -> tuple[nn.Module, dict[str, ReconResult], float]:
+    """A fake-quantized copy of a transformer calibrated on `calib` (the first `calib_size` images;
+    reconstruction, if any, reads all), its per-block reconstruction results, and the seconds steps
+    1-3 took. `model` itself is not modified."""
     _check_calib(calib)
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -155,7 +146,31 @@ def quantize_vit(
     qmodel = copy.deepcopy(model).eval().to(device).requires_grad_(False)  # only quantizer params train
     if settings.rotate_heads:
         rotate_heads(qmodel)
-    pairs = norm_linear_pairs(qmodel, include_head=settings.fold_head)
+    pairs = _convert(qmodel, settings)
+    if settings.input_range is not None:
+        _fix_input_grids(qmodel, settings.input_range)
+    first = calib[: settings.calib_size].to(device)
+    qmodel(first)
+    if settings.reparam:
+        for norm_name, linear_name in pairs:
+            linear = qmodel.get_submodule(linear_name)
+            if linear.input_quantizer.enabled:  # float activations (abits 32): nothing to fold
+                fold_input_scales(qmodel.get_submodule(norm_name), linear)
+    gptq_weights = gptq_round(qmodel, first) if settings.gptq else None
+    seconds = time.perf_counter() - start
+    results: dict[str, ReconResult] = {}
+    if settings.iters > 0:
+        recon = ReconSettings(iters=settings.iters, round_weight=1.0)  # Genie-M's published values
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+        results = reconstruct_vit(
+            qmodel, calib.to(device), recon, generator, progress, start_weights=gptq_weights
+        )
+    return qmodel, results, seconds
+
+
+def _convert(qmodel: nn.Module, settings: TransformerSettings) -> list[tuple[str, str]]:
+    """Swap the layers for quantized ones; returns the (LayerNorm, Linear) pairs to fold."""
+    pairs = norm_linear_pairs(qmodel)
     edge_w = settings.first_last_bits or settings.wbits
     edge_a = settings.first_last_bits or settings.abits
     convert_to_quantized(
@@ -163,33 +178,18 @@ def quantize_vit(
         settings.wbits,
         settings.abits,
         patch_bits=(edge_w, edge_a),
-        head_wbits=settings.head_wbits or edge_w,
+        head_wbits=edge_w,
         per_channel_inputs=frozenset(linear for _, linear in pairs),
         log_sqrt2_only=settings.log_sqrt2_only,
     )
-    if settings.input_range is not None:
-        _fix_input_grids(qmodel, settings.input_range)
-    qmodel(calib[: settings.calib_size].to(device))
-    if settings.reparam:
-        for norm_name, linear_name in pairs:
-            linear = qmodel.get_submodule(linear_name)
-            if linear.input_quantizer.enabled:  # float activations (abits 32): nothing to fold
-                fold_input_scales(qmodel.get_submodule(norm_name), linear)
-    gptq_weights = None
-    if settings.gptq:
-        from .gptq import gptq_round
+    return pairs
 
-        gptq_weights = gptq_round(qmodel, calib[: settings.calib_size].to(device))
-    qmodel.calibration_seconds = time.perf_counter() - start
-    if settings.recon_iters > 0:
-        from ..reconstruct import ReconSettings
-        from .reconstruct import reconstruct_vit
 
-        recon = ReconSettings(iters=settings.recon_iters, round_weight=1.0)  # Genie-M's published values
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-        results = reconstruct_vit(
-            qmodel, calib[: settings.recon_images].to(device), recon, generator, start_weights=gptq_weights
-        )
-        qmodel.reconstruction_history = {n: r.loss for n, r in results.items()}
-        qmodel.calibration_seconds = time.perf_counter() - start
+def rebuild_transformer(
+    model: nn.Module, settings: TransformerSettings, input_shape: tuple[int, ...]
+) -> nn.Module:
+    """The module tree `quantize_transformer` builds for `model`, uncalibrated (a saved state loads
+    into it; the head rotation and re-parameterization changed weights, which the state holds)."""
+    qmodel = copy.deepcopy(model).eval().requires_grad_(False)
+    _convert(qmodel, settings)
     return qmodel

@@ -8,9 +8,9 @@ the layer's calibration inputs X: it minimises ||(W - Q) X^T||^2 greedily, using
 H = X^T X. The grid is not touched (the per-channel scale and zero point RepQ-style calibration
 chose, after re-parameterization); only which grid point each weight takes changes.
 
-Why here: on the CIFAR-10 ViT, weights alone at 4 bits (nearest rounding) cost 0.8 points and the
-4x128 dims make H tiny, so GPTQ costs a fraction of a second per layer and calibrates from the same
-images (`calib_size`, 64). Layers are done in execution order, each on inputs from the
+Why here: a ViT's 4-bit weights rounded to nearest already cost accuracy, and its small Linears make
+H tiny, so GPTQ costs a fraction of a second per layer and calibrates from the same images
+(`calib_size`). Layers are done in execution order, each on inputs from the
 already-rounded layers before it (its input quantizer applied), so later layers also absorb earlier
 layers' errors.
 
@@ -22,11 +22,8 @@ GPTQ also yields, per layer, the *compensated* float weight: each column as it s
 updates from the columns before it) when it was rounded. Its round-to-nearest is exactly GPTQ's
 result, so block reconstruction starts AdaRound from it (`h(alpha)` = its fractional part) rather
 than from the original weight: reconstruction then refines GPTQ's rounding instead of restarting
-from round-to-nearest. Measured on the CIFAR-10 ViT (W4A4, 500 iterations a block, before the head
-rotation) this is no gain
-in the mean: 70.26 / 68.86 on the slice / JPEG set over 5 draws, against 70.25 / 68.85 from the
-original weight over draws 0-1 (matched draws: slice +0.49 on both, JPEG -0.20 and -0.10); it is
-kept because it starts from the better rounding, and calibration with GPTQ alone stays ahead.
+from round-to-nearest (measured level with starting from the weight: docs/notes.md; kept because it
+starts from the better rounding).
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ import torch
 from torch import nn
 
 from ..gptq import gptq_quantize_weight, input_hessian
+from ..modules import QuantLinear
 from ..quantizers import AdaRoundQuantizer
-from .layers import QuantLinear
 
 
 @torch.no_grad()
@@ -48,7 +45,12 @@ def gptq_round(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]
     """
     done = {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, QuantLinear) or not layer.weight_quantizer.enabled or layer.ada is not None:
+        if (
+            not isinstance(layer, QuantLinear)
+            or layer.input_quantizer is None
+            or not layer.weight_quantizer.enabled
+            or layer.ada is not None
+        ):
             continue
         hessian = input_hessian(model, layer, calib, prepare=lambda m, x: m.input_quantizer(x))
         wq = layer.weight_quantizer

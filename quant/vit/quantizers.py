@@ -193,19 +193,8 @@ class LogSqrt2Quantizer(LogQuantizer):
         super().__init__(bits, octave_steps=(2,))
 
 
-def needs_calibration(quantizer: nn.Module) -> bool:
-    """Whether the quantizer's next forward would (re)fit its grid."""
-    return quantizer.enabled and (quantizer.observing or not bool(quantizer.initialized))
-
-
-def weight_quantizer(bits: int) -> UniformQuantizer:
-    """Per-output-channel asymmetric weight grid, range by L_p-error search (RepQ-ViT: per-channel)."""
-    return UniformQuantizer(bits=bits, signed=True, ch_axis=0, symmetric=False, init="mse")
-
-
 __all__ = [
     "LogQuantizer",
     "LogSqrt2Quantizer",
     "SearchedUniformQuantizer",
-    "weight_quantizer",
 ]

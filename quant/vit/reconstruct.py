@@ -1,6 +1,6 @@
 """Optional block reconstruction of a RepQ-calibrated transformer (Genie-M on ViT blocks).
 
-After `quantize_vit`'s calibration and re-parameterization, each transformer block in turn learns,
+After `quantize_transformer`'s calibration and re-parameterization, each transformer block in turn learns,
 against the float model's output of that block:
 
 - the rounding of every Linear weight (AdaRound) and its per-channel step (Genie-M),
@@ -17,23 +17,48 @@ quantized prefix; the patch embedding and the head keep their calibrated grids.
 from __future__ import annotations
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block
 from torch import nn
+from torchvision.models.vision_transformer import EncoderBlock
 
-from ..modules import MaskPool
-from ..ptq import capture, run_unit
+from ..capture import walk_units
+from ..modules import MaskPool, QuantLinear
 from ..quantizers import AdaRoundQuantizer
 from ..reconstruct import ReconResult, ReconSettings, index_rows, optimise
-from .layers import QuantLinear, set_quant_enabled
 from .quantizers import SearchedUniformQuantizer
+from .torch_attention import QuantMultiheadAttention, QuantTransformerEncoderLayer
+
+_BLOCK_TYPES = (
+    Block,
+    SwinTransformerBlock,
+    EncoderBlock,
+    nn.TransformerEncoderLayer,
+    QuantTransformerEncoderLayer,
+)
+
+
+def _replayable(block: nn.Module) -> bool:
+    """Whether `block` computes its output from its first input alone, batch first: its PyTorch
+    attention is `batch_first` and was called without masks (the walk replays `block(x)` on rows)."""
+    return all(
+        m.batch_first and not getattr(m, "saw_mask", False)
+        for m in block.modules()
+        if isinstance(m, (nn.MultiheadAttention, QuantMultiheadAttention))
+    )
 
 
 def transformer_blocks(model: nn.Module) -> list[str]:
-    """Names of the model's transformer blocks in execution order (ViT/DeiT `blocks.i`, Swin
-    `layers.i.blocks.j`)."""
-    names = []
-    for name, _ in model.named_modules():
+    """Names of the model's transformer blocks in execution order (taken as registration order):
+    ViT/DeiT `blocks.i`, Swin `layers.i.blocks.j`, torchvision `EncoderBlock`s, and
+    `nn.TransformerEncoderLayer`s (or their explicit form) that `_replayable` allows."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or (names and name.startswith(names[-1] + ".")):
+            continue  # the model itself, or inside a block already taken
         parent, _, index = name.rpartition(".")
-        if index.isdigit() and parent.rsplit(".", 1)[-1] == "blocks":
+        by_name = index.isdigit() and parent.rsplit(".", 1)[-1] == "blocks"
+        if (by_name or isinstance(module, _BLOCK_TYPES)) and _replayable(module):
             names.append(name)
     return names
 
@@ -60,50 +85,48 @@ def reconstruct_vit(
     stays the float model's block output.
 
     A block fed straight by the previous one (the next entry of the same `nn.Sequential`) takes its
-    inputs from that block's outputs, float and quantized, so each block costs one block forward
-    instead of two passes through the whole prefix (quadratic in depth); `chain=False` captures
-    every block's inputs through the model (the reference the chained path is tested against).
+    inputs from that block's outputs (`quant.capture.walk_units`); `chain=False` captures every
+    block's inputs through the model (the reference the chained path is tested against).
     """
     results: dict[str, ReconResult] = {}
     blocks = transformer_blocks(qmodel)
-    prev_fp = prev_q = None  # the previous block's outputs (float, quantized), kept when they feed this one
-    for k, name in enumerate(blocks):
-        block = qmodel.get_submodule(name)
-        if prev_q is not None:
-            x_fp, x_q = prev_fp, prev_q
-            set_quant_enabled(block, False)
-            y_fp = run_unit(block, x_fp)
-            set_quant_enabled(block, True)
-        else:
-            set_quant_enabled(qmodel, False)
-            x_fp, y_fp = capture(qmodel, block, calib, outputs=True)
-            set_quant_enabled(qmodel, True)  # only the prefix matters: capture stops at the block
-            x_q, _ = capture(qmodel, block, calib, outputs=False)
+    chained = [chain and _feeds(qmodel, prev, name) for prev, name in zip([None, *blocks], blocks)]
+    for step in walk_units(qmodel, blocks, calib, chained):
+        name = step.name
         starts = {
             rel: start_weights[f"{name}.{rel}"]
-            for rel, _ in block.named_modules()
+            for rel, _ in step.unit.named_modules()
             if start_weights and f"{name}.{rel}" in start_weights
         }
         results[name] = reconstruct_block(
-            block, x_q, x_fp, y_fp, settings, generator, progress, desc=f"[{k + 1}/{len(blocks)}] {name}",
-            start_weights=starts,
+            step.unit, step.x_q, step.x_fp, step.y_fp, settings, generator, progress,
+            desc=f"[{step.index + 1}/{len(blocks)}] {name}", start_weights=starts,
         )  # fmt: skip
-        feeds_next = chain and k + 1 < len(blocks) and _feeds(qmodel, name, blocks[k + 1])
-        prev_fp, prev_q = (y_fp, run_unit(block, x_q)) if feeds_next else (None, None)
-    set_quant_enabled(qmodel, True)
     return results
 
 
 def _feeds(model: nn.Module, prev: str | None, name: str) -> bool:
-    """Whether block `prev`'s output is block `name`'s input: consecutive entries of one Sequential."""
+    """Whether block `prev`'s output is block `name`'s input: consecutive children of one plain
+    `nn.Sequential`, or of the `layers` ModuleList an `nn.TransformerEncoder` runs in order."""
     if prev is None:
         return False
-    prev_parent, _, prev_index = prev.rpartition(".")
-    parent, _, index = name.rpartition(".")
+    prev_parent, _, prev_child = prev.rpartition(".")
+    parent_name, _, child = name.rpartition(".")
+    if prev_parent != parent_name:
+        return False
+    parent = model.get_submodule(parent_name)
+    children = [n for n, _ in parent.named_children()]
+    if children.index(child) != children.index(prev_child) + 1:
+        return False
+    if isinstance(parent, nn.Sequential):
+        return type(parent).forward is nn.Sequential.forward
+    owner_name, _, attr = parent_name.rpartition(".")
+    owner = model.get_submodule(owner_name) if parent_name else None
     return (
-        prev_parent == parent
-        and isinstance(model.get_submodule(parent), nn.Sequential)  # so the indices are integers
-        and int(index) == int(prev_index) + 1
+        isinstance(parent, nn.ModuleList)
+        and isinstance(owner, nn.TransformerEncoder)
+        and type(owner).forward is nn.TransformerEncoder.forward
+        and attr == "layers"
     )
 
 

@@ -15,7 +15,7 @@ next Linear so that the quantized model computes exactly the same function:
 
 Any op between the two that acts on tokens and commutes with a positive per-channel affine map
 (token selection, mean/max pooling, window partitioning without padding) keeps this exact. The new
-weight W' gets its own per-channel weight grid (`QuantLinear.recalibrate_weight`), as RepQ-ViT does.
+weight W' gets its own per-channel weight grid (`QuantLinear.calibrate_weight`), as RepQ-ViT does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import QuantLinear
+from ..modules import QuantLinear
 
 
 @torch.no_grad()
@@ -54,4 +54,4 @@ def fold_input_scales(norm: nn.LayerNorm, linear: QuantLinear) -> None:
         linear.bias.copy_(linear.bias - shift)
 
     quantizer.to_per_tensor(s, z)
-    linear.recalibrate_weight()
+    linear.calibrate_weight(force=True)

@@ -6,16 +6,12 @@ carry most of the range of q and k (the per-tensor grid is sized by them, so the
 channels gets a handful of levels), and a Hadamard matrix spreads every channel over all of them,
 which evens out the ranges and shrinks the grid's step. Folded into the rows of the qkv Linear
 (and its bias), it costs nothing at inference: the quantized model still runs one static
-per-tensor grid per matmul input, as RepQ-ViT's. On the CIFAR-10 ViT (real calibration, GPTQ, means
-of 5 draws, lossless slice / JPEG set) it moved W4A4 from 70.76 / 68.98 to 70.68 / 69.11 (a narrower
-spread across draws: 69.00-69.33 on the JPEG set), W8A8 from 71.48 / 69.54 to 71.64 / 69.55 and
-W3A3 from 62.99 / 62.49 to 63.70 / 62.58; calibrated on the ResNet-distilled data-free pool it cost
-W4A4 0.4 / 0.2 points (3 draws), so it is a default measured on real images.
+per-tensor grid per matmul input, as RepQ-ViT's. It is on by default, as measured on real images
+(docs/notes.md).
 
 The same holds for v with the inverse on the other side: attn @ (v R) = (attn @ v) R, undone by
 the output projection's columns (W R). That rotates the v grid's input and the projection's input;
-it is optional (`values=True`): on that ViT it gave 70.46 / 69.09 against q/k alone's 70.68 / 69.11
-(lossless slice / JPEG set, W4A4, 5 draws), so `quantize_vit` rotates q and k only.
+it is optional (`values=True`; it measured no better, so `quantize_transformer` rotates q and k only).
 This is the offline part of QuaRot/SpinQuant-style rotations, applied where a transformer block
 needs no online transform (no RoPE here, and the LayerNorms are left alone).
 """
@@ -38,17 +34,33 @@ def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return h / n**0.5
 
 
+def _packed(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear] | None:
+    """(packed q/k/v weight, its bias, output projection) of a timm attention or of a packed
+    `nn.MultiheadAttention` (same layout: rows q, k, v, each heads x head dim), else None."""
+    if isinstance(module, nn.MultiheadAttention):
+        if type(module) is not nn.MultiheadAttention or not module._qkv_same_embed_dim:
+            return None  # separate q/k/v weights (cross-attention) are left alone
+        if module.bias_k is not None:  # its extra key would need the rotation too
+            return None
+        return module.in_proj_weight, module.in_proj_bias, module.out_proj
+    qkv = getattr(module, "qkv", None)
+    if not isinstance(qkv, nn.Linear):
+        return None
+    return qkv.weight, qkv.bias, getattr(module, "proj", None)
+
+
 def _rotatable(module: nn.Module) -> tuple[int, int] | None:
     """(heads, head dim) of an attention whose q/k rotation is exact, else None."""
     if type(module) is Attention:  # subclasses (rope, etc.) compute something else
         if not (isinstance(module.q_norm, nn.Identity) and isinstance(module.k_norm, nn.Identity)):
             return None  # a norm over the head dim does not commute with a rotation
-    elif not isinstance(module, WindowAttention):
+    elif not isinstance(module, (WindowAttention, nn.MultiheadAttention)):
         return None
-    if not isinstance(getattr(module, "qkv", None), nn.Linear):
+    packed = _packed(module)
+    if packed is None:
         return None
     heads = module.num_heads
-    head_dim = module.qkv.out_features // (3 * heads)
+    head_dim = packed[0].shape[0] // (3 * heads)
     if head_dim < 2 or head_dim & (head_dim - 1):
         return None
     return heads, head_dim
@@ -60,7 +72,7 @@ def _values_rotatable(module: nn.Module) -> bool:
     return (
         (norm is None or isinstance(norm, nn.Identity))
         and getattr(module, "gate", None) is None
-        and isinstance(getattr(module, "proj", None), nn.Linear)
+        and isinstance(_packed(module)[2], nn.Linear)
     )
 
 
@@ -68,7 +80,8 @@ def _values_rotatable(module: nn.Module) -> bool:
 def rotate_heads(model: nn.Module, values: bool = False) -> int:
     """Fold a per-head Hadamard rotation into every eligible attention of `model`, in place.
 
-    q and k of each head are rotated by the same matrix (rows of the qkv weight and bias); with
+    q and k of each head are rotated by the same matrix (rows of the qkv weight and bias, or of a
+    packed `nn.MultiheadAttention`'s `in_proj_weight` / `in_proj_bias`); with
     `values`, v too, its inverse folded into the output projection's columns. The model computes
     the same function (up to float rounding). Attentions that would not stay exact (a norm on q/k
     or on the output, a gate, a head size that is not a power of two) are left alone.
@@ -82,9 +95,9 @@ def rotate_heads(model: nn.Module, values: bool = False) -> int:
         heads, head_dim = shape
         dim = heads * head_dim
         rot = hadamard(head_dim)
-        qkv = module.qkv
-        weight = qkv.weight.double()
-        bias = qkv.bias.double() if qkv.bias is not None else None
+        qkv_weight, qkv_bias, proj_layer = _packed(module)
+        weight = qkv_weight.double()
+        bias = qkv_bias.double() if qkv_bias is not None else None
         parts = [0, 1] + ([2] if values and _values_rotatable(module) else [])
         for part in parts:
             for h in range(heads):
@@ -92,15 +105,15 @@ def rotate_heads(model: nn.Module, values: bool = False) -> int:
                 weight[rows] = rot.t() @ weight[rows]
                 if bias is not None:
                     bias[rows] = rot.t() @ bias[rows]
-        qkv.weight.copy_(weight)
+        qkv_weight.copy_(weight)
         if bias is not None:
-            qkv.bias.copy_(bias)
+            qkv_bias.copy_(bias)
         if 2 in parts:
-            proj = module.proj.weight.double()
+            proj = proj_layer.weight.double()
             for h in range(heads):
                 cols = slice(h * head_dim, (h + 1) * head_dim)
                 proj[:, cols] = proj[:, cols] @ rot
-            module.proj.weight.copy_(proj)
+            proj_layer.weight.copy_(proj)
         done += 1
     return done
 

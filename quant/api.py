@@ -1,0 +1,248 @@
+"""The quantizer's front door: `quantize(model, calib, settings)` -> `QuantizedModel`, and `load`.
+
+`quantize` dispatches on the model: a network with attention goes to the transformer path
+(`quant.vit`), any other conv/linear network to the CNN path (`quant.cnn`); each path has its own
+settings dataclass, and a method name (`quant.methods`) picks a preset of them. A model neither
+path can take is refused before any work, in one line naming what is unsupported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cnn import CNNSettings, quantize_cnn, rebuild_cnn
+from .errors import QuantError
+from .methods import CNN, DEFAULT_METHOD, TRANSFORMER, get_method
+from .modules import QuantConv2d, QuantLinear, set_quant_state
+from .quantizers import AdaRoundQuantizer, UniformQuantizer
+
+FORMAT = "dfq-quantized/2"
+Settings = Any  # CNNSettings | TransformerSettings
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's path: its settings type, how it quantizes, and how it rebuilds a saved tree."""
+
+    settings: type
+    quantize: Callable[..., tuple]
+    rebuild: Callable[[nn.Module, Any, tuple[int, ...]], nn.Module]
+
+
+def _families() -> dict[str, Family]:
+    from .vit import TransformerSettings, quantize_transformer, rebuild_transformer
+
+    def cnn(model: nn.Module, calib: torch.Tensor, s: CNNSettings, progress: bool) -> tuple:
+        qmodel, results = quantize_cnn(model, calib, s, progress)
+        return qmodel, results, None
+
+    return {
+        CNN: Family(CNNSettings, cnn, rebuild_cnn),
+        TRANSFORMER: Family(TransformerSettings, quantize_transformer, rebuild_transformer),
+    }
+
+
+def model_family(model: nn.Module) -> str:
+    """`transformer` or `cnn`, or `QuantError` naming the part of `model` neither path quantizes."""
+    from .vit import transformer_problem
+
+    is_transformer, problem = transformer_problem(model)
+    if problem is not None:
+        raise QuantError(problem)
+    if is_transformer:
+        return TRANSFORMER
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and type(m).forward is not nn.Conv2d.forward:
+            raise QuantError(
+                f"{name or 'the model'}: {type(m).__name__} has its own forward (unsupported conv)"
+            )
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()):
+        raise QuantError("no conv or linear layer found to quantize")
+    return CNN
+
+
+def settings_for(family: str, method: str | None = None, **values: Any) -> Settings:
+    """Settings of `family`'s path for `method` (None: the family's default) with `values` set."""
+    method = method or DEFAULT_METHOD[family]
+    get_method(method, family)
+    cls = _families()[family].settings
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise QuantError(f"{cls.__name__} has no setting {unknown[0]!r}")
+    return cls(method=method, **values)
+
+
+def method_settings(method: str, **values: Any) -> Settings:
+    """The settings a named method (`quant.METHODS`) runs with, `values` overriding its preset."""
+    return settings_for(get_method(method).family, method, **values)
+
+
+class QuantizedModel(nn.Module):
+    """What `quantize` returns: the fake-quantized model, callable on a batch of images, and what the
+    run produced: `settings`, `family`, `model_spec` (how to rebuild the float model, if known),
+    per-unit reconstruction `history` (loss per iteration) and `seconds_per_iter`, and `seconds`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: Settings,
+        family: str,
+        input_shape: tuple[int, ...],
+        model_spec: dict | None = None,
+        history: dict[str, list[float]] | None = None,
+        seconds_per_iter: dict[str, float] | None = None,
+        seconds: float | None = None,
+        calibration_seconds: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.settings = settings
+        self.family = family
+        self.input_shape = tuple(input_shape)
+        self.model_spec = dict(model_spec) if model_spec else None
+        self.history = dict(history or {})
+        self.seconds_per_iter = dict(seconds_per_iter or {})
+        self.seconds = seconds
+        self.calibration_seconds = calibration_seconds
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One `torch.save` file: the settings, the model spec and the fake-quant state dict."""
+        torch.save(
+            {
+                "format": FORMAT,
+                "family": self.family,
+                "settings": dataclasses.asdict(self.settings),
+                "model_spec": self.model_spec,
+                "input_shape": list(self.input_shape),
+                "history": {k: torch.tensor(v) for k, v in self.history.items()},
+                "seconds_per_iter": self.seconds_per_iter,
+                "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            },
+            path,
+        )
+
+
+def quantize(
+    model: nn.Module,
+    calib: torch.Tensor,
+    settings: Settings | str | None = None,
+    *,
+    model_spec: dict | None = None,
+    progress: bool = False,
+) -> QuantizedModel:
+    """Quantize a copy of `model`, calibrated on `calib` (N, C, H, W images, preprocessed).
+
+    `settings`: a `CNNSettings` / `TransformerSettings`, a method name (`quant.METHODS`), or None for
+    the family's defaults. `model_spec` ({"model", "checkpoint", "num_classes"}, as `quant.models.
+    load_model` takes them) lets `load` rebuild the float model. `model` itself is not modified.
+    """
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or calib.shape[0] == 0:
+        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise QuantError(f"calibration data must be a non-empty N x C x H x W image tensor, got {shape}")
+    family = model_family(model)
+    if settings is None or isinstance(settings, str):
+        settings = settings_for(family, settings)
+    path = _families()[family]
+    if not isinstance(settings, path.settings):
+        raise QuantError(
+            f"a {family} takes {path.settings.__name__}, got {type(settings).__name__} "
+            f"(method {getattr(settings, 'method', '?')!r})"
+        )
+    settings.validate()
+    start = time.perf_counter()
+    qmodel, results, calibration_seconds = path.quantize(model, calib, settings, progress)
+    return QuantizedModel(
+        qmodel,
+        settings,
+        family,
+        tuple(calib.shape[1:]),
+        model_spec,
+        history={n: r.loss for n, r in results.items()},
+        seconds_per_iter={n: r.seconds_per_iter for n, r in results.items()},
+        seconds=time.perf_counter() - start,
+        calibration_seconds=calibration_seconds,
+    ).eval()
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
+    """A `QuantizedModel` saved by `QuantizedModel.save`. The float model is rebuilt from the saved
+    spec (`quant.models.load_model`) unless given as `model` (the same architecture)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise QuantError(f"cannot read {path}: {e}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise QuantError(f"{path}: not a quantized model file ({FORMAT})")
+    family = _families()[blob["family"]]
+    settings = family.settings(**blob["settings"])
+    if model is None:
+        if not blob["model_spec"]:
+            raise QuantError(f"{path} was saved without a model spec: pass the float model as model=")
+        from .models import load_model
+
+        spec = blob["model_spec"]
+        model, _ = load_model(
+            spec["model"], checkpoint=spec.get("checkpoint"), num_classes=spec.get("num_classes")
+        )
+    input_shape = tuple(blob["input_shape"])
+    qmodel = family.rebuild(model, settings, input_shape)
+    load_quantized_state(qmodel, blob["state_dict"])
+    return QuantizedModel(
+        qmodel,
+        settings,
+        blob["family"],
+        input_shape,
+        blob["model_spec"],
+        history={k: v.tolist() for k, v in blob["history"].items()},
+        seconds_per_iter=blob["seconds_per_iter"],
+    ).eval()
+
+
+@torch.no_grad()
+def load_quantized_state(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a calibrated state into a freshly rebuilt (uncalibrated) quantized tree.
+
+    Calibration gave some tensors their shapes (per-channel grids folded to per tensor, a bias or a
+    LayerNorm affine created by re-parameterization, learned roundings): those are adopted first, so
+    the strict load below then checks every name."""
+    modules = dict(qmodel.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, (QuantConv2d, QuantLinear)) and f"{name}.ada.alpha" in state:
+            module.start_adaround(learn_scale=False)
+    for key, value in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            continue  # the strict load names it
+        current = getattr(owner, attr, None)
+        if isinstance(current, torch.Tensor) and current.shape == value.shape:
+            continue
+        if attr in owner._buffers:
+            owner._buffers[attr] = value.clone()
+        elif attr in owner._parameters or current is None:
+            owner._parameters[attr] = nn.Parameter(value.clone(), requires_grad=False)
+    for module in qmodel.modules():
+        if isinstance(module, UniformQuantizer) and module.ch_axis is not None and module.scale.dim() == 0:
+            module.ch_axis = None  # a per-channel input grid that re-parameterization made per tensor
+    qmodel.load_state_dict(state, strict=True)
+    for module in qmodel.modules():
+        if isinstance(module, AdaRoundQuantizer):
+            module.soft = False
+    qmodel.requires_grad_(False)
+    set_quant_state(qmodel, True)
+    qmodel.eval()

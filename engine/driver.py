@@ -159,7 +159,8 @@ def _run_on_ray(
     from ray.exceptions import RayActorError, RayTaskError
     from tqdm import tqdm
 
-    from engine.worker import GENERATORS, ShardWorker, prepare_context
+    from engine.generators import generator_spec, prepare_context
+    from engine.worker import ShardWorker
 
     context = {**prepare_context(cfg), **extra_context}  # once per run, e.g. the similarity matrix
     started_ray = False
@@ -183,7 +184,12 @@ def _run_on_ray(
 
         def spawn() -> Any:
             actor = actor_cls.options(max_restarts=0, max_task_retries=0, **options).remote(
-                cfg, context_ref, threads=threads, quiet=True, device=device, target=GENERATORS[cfg.generator]
+                cfg,
+                context_ref,
+                threads=threads,
+                quiet=True,
+                device=device,
+                target=generator_spec(cfg.generator).factory,
             )
             actors.append(actor)
             return actor

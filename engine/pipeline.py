@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from engine.config import COMPILE_MODES, GenerateConfig
+from engine.diffusion_settings import DiffusionSettings
 from engine.errors import EngineError
 from engine.tiny import TINY_MODEL_ID, build_tiny_pipeline
 
@@ -74,7 +75,7 @@ def prepare_pipeline(pipe: Any, cfg: GenerateConfig, device: str, dtype: Any, *,
     channels_last, fused QKV, torch.compile (benchmarks call this on random-weight pipelines)."""
     import torch
 
-    pipe = with_scheduler(pipe, cfg.scheduler)
+    pipe = with_scheduler(pipe, cfg.generator_settings(DiffusionSettings).scheduler)
     if pipe.unet.dtype != dtype:  # casting to the same dtype only makes diffusers warn
         pipe.to(dtype)
     pipe.to(device)
@@ -175,7 +176,8 @@ def auto_batch_size(pipe: Any, cfg: GenerateConfig, cap: int = AUTO_BATCH_CAP, h
         return AUTO_BATCH_CPU
     probe = 2
     dtype = pipe.unet.dtype
-    lat_h, lat_w = cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor
+    size = cfg.generator_settings(DiffusionSettings)
+    lat_h, lat_w = size.height // pipe.vae_scale_factor, size.width // pipe.vae_scale_factor
     hidden = pipe.text_encoder.config.hidden_size
     length = pipe.tokenizer.model_max_length
     torch.cuda.synchronize(device)

@@ -11,8 +11,9 @@ import torch
 
 from benchmarks import gen_scaling, gen_throughput
 from engine.config import GenerateConfig
+from engine.diffusion import DiffusionGenerator, _to_pil, is_usable, to_uint8, usable_mask
 from engine.pipeline import sample_images
-from engine.worker import DiffusionGenerator, ShardWorker, _to_pil, is_usable, to_uint8, usable_mask
+from engine.worker import ShardWorker
 from engine.writer import file_sha256
 
 GEN_FIELDS = set(gen_throughput.FIELDS)
@@ -42,8 +43,8 @@ class _PlainCallGenerator(DiffusionGenerator):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         with torch.inference_mode():
             return self.pipe(
-                prompt=prompts, num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
-                height=self.cfg.height, width=self.cfg.width, generator=generators, output_type="np",
+                prompt=prompts, num_inference_steps=self.settings.steps, guidance_scale=self.settings.guidance,
+                height=self.settings.height, width=self.settings.width, generator=generators, output_type="np",
             ).images  # fmt: skip
 
 
@@ -119,7 +120,7 @@ def test_padded_batches_return_only_the_real_samples(tiny_pipeline, tmp_path) ->
 def test_a_writer_thread_error_fails_the_shard_and_leaves_no_file(tiny_pipeline, tmp_path) -> None:
     class Broken(DiffusionGenerator):
         def generate(self, indices):
-            return [("not an image", self.sample_json(self.sampler.sample(i), 0, 0)) for i in indices]
+            return [("not an image", self.record(self.sampler.sample(i), 0, 0)) for i in indices]
 
     cfg = tiny_cfg(tmp_path)
     with pytest.raises(AttributeError):

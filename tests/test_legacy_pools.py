@@ -153,3 +153,16 @@ def test_legacy_pool_refuses_other_content_settings(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "other settings" in err and needle in err, err
     assert dir_state(out) == before
+
+
+def test_bn_distill_resume_with_another_batch_size_is_refused(tmp_path: Path, capsys) -> None:
+    """The batch-size bug: bn-distill optimises a batch jointly (BN statistics are batch statistics),
+    so `--batch-size` changes the pixels. Resuming the pool made with `--batch-size 2` with
+    `--batch-size 1` once ran to "complete", mixing two recipes in one pool; it must be refused."""
+    out = copy_pool("bn_distill", tmp_path)
+    os.remove(os.path.join(out, "shard-000001.tar"))
+    before = dir_state(out)
+    assert main(argv("bn_distill", out, "--batch-size", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch_size: 2 -> 1" in err, err
+    assert dir_state(out) == before

@@ -75,8 +75,8 @@ def _input_stats_term(x: torch.Tensor, form: str) -> torch.Tensor:
     """Genie's input term: per-image channel mean 0 / std 1, the normalized range of real data.
 
     "mse": squared errors summed over every (image, channel) pair, which holds each image to the
-    normalized range (Genie-D averages over the images instead; both pools end at mean 0 / std 1
-    per image within 0.002). "norm": the unsquared norms of the same errors.
+    normalized range (Genie-D averages over the images instead). "norm": the unsquared norms of the
+    same errors.
     """
     std, mean = torch.std_mean(x, dim=(2, 3))
     if form == "mse":

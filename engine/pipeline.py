@@ -5,7 +5,7 @@ and fp32 on CPU, safety checker off (calibration images are never shown to anyon
 replacements would be blank images), SDPA attention (or xformers), and an optional scheduler swap
 that keeps the model's own scheduler config (betas, offsets) as SD1.5 ships it.
 
-Speed (issue 5): `sample_images` is the pipeline's algorithm (encode prompts, prepare latents,
+`sample_images` is the pipeline's algorithm (encode prompts, prepare latents,
 denoise with CFG, decode, postprocess) as one loop with no host sync per step: the scheduler keeps
 its timesteps on the CPU (its coefficients are then host scalars), while the UNet gets timesteps moved
 to the device once per call. `compile_pipeline` compiles the UNet and the VAE decoder
@@ -91,8 +91,8 @@ def prepare_pipeline(pipe: Any, cfg: GenerateConfig, device: str, dtype: Any, *,
     return pipe
 
 
-#: Largest batch `auto` picks (throughput is flat well before this on an H100 at 512 px), and its
-#: choice where there is no GPU memory to size from.
+#: Largest batch `auto` picks (beyond it a bigger batch costs memory, not time), and its choice where
+#: there is no GPU memory to size from.
 AUTO_BATCH_CAP = 64
 AUTO_BATCH_CPU = 8
 

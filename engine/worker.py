@@ -161,8 +161,8 @@ def _write_pairs(
 
 def encoder_threads(pinned_threads: int | None) -> int:
     """Image-encoding threads of a worker: 1 for a CPU actor pinned to a few cores (encoding would
-    steal them from generation), else up to 8 (a GPU actor's host cores are idle while it denoises;
-    a batch of 64 PNGs at 512 px is ~2 s on one core, which must stay under one batch's denoising)."""
+    steal them from generation), else up to 8 (a GPU actor's host cores are idle while it denoises,
+    and encoding a batch must take less time than denoising the next)."""
     if pinned_threads is not None:
         return 1
     return max(1, min(8, os.cpu_count() or 1))

@@ -1,4 +1,4 @@
-"""Fault injection (issue 8): whatever dies or fails mid-run, the pool loses and duplicates nothing.
+"""Fault injection: whatever dies or fails mid-run, the pool loses and duplicates nothing.
 
 Every scenario ends with `assert_pool_exact`: the manifest is complete, every listed shard's bytes
 hash to the manifest's sha256 *and* to the same shard of a reference pool made without faults, and

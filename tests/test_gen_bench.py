@@ -1,5 +1,6 @@
-"""Generation throughput (issue 5): the benchmarks run on a CPU in their tiny form and write well-formed
-reports (DESIGN.md fields); the fast worker path keeps the shard bytes of the plain one."""
+"""Generation throughput: the benchmarks run on a CPU in their tiny form and write well-formed reports
+(`gen_throughput.FIELDS`, the scaling rows' fields); the fast worker path keeps the shard bytes of the
+plain one."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def tiny_cfg(out, **kw) -> GenerateConfig:
 
 
 class _PlainCallGenerator(DiffusionGenerator):
-    """The pre-issue-5 path: the diffusers pipeline call itself, one per batch."""
+    """The plain path: the diffusers pipeline call itself, one per batch."""
 
     def denoise(self, prompts, seeds, steps=None):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -169,7 +170,7 @@ def test_scaling_benchmark_tiny_on_cpu_writes_a_full_report(ray_local, tmp_path)
 @pytest.mark.slow
 def test_flop_count_of_the_sd15_architecture_matches_the_h100_anchor() -> None:
     """On the meta device (no weights, no compute): 0.80 TFLOP a UNet sample-forward, 2.5 TFLOP a VAE
-    decode, 82.8 TFLOP an image at 512 px, 50 steps, CFG (DESIGN.md)."""
+    decode, 82.8 TFLOP an image at 512 px, 50 steps, CFG (the measured anchor this project works from)."""
     from benchmarks.flops import image_flops, sd15_random_pipeline
 
     flops = image_flops(sd15_random_pipeline("meta"), 512, 512, 50, 3.5)

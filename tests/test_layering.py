@@ -1,4 +1,4 @@
-"""The layering contract of DESIGN.md: `engine` and `quant` share only the shard format.
+"""The layering contract: `engine` and `quant` share only the shard format (SHARDS.md).
 
 - `engine` never imports `quant` and `quant` never imports `engine` (static AST check of every
   module, including imports inside functions); neither imports `launch`.

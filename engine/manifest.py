@@ -14,7 +14,7 @@ import re
 import secrets
 from typing import Any
 
-from engine.config import GenerateConfig, canonical_json
+from engine.config import GenerateConfig
 from engine.errors import EngineError
 from engine.legacy import is_legacy, upgrade
 from engine.records import FORMAT_VERSION
@@ -155,7 +155,7 @@ def check_same_config(manifest: dict[str, Any], cfg: GenerateConfig, out: str) -
     diffs = [
         f"{key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}"
         for key in sorted(set(flat_old) | set(flat_new))
-        if canonical_json(flat_old.get(key)) != canonical_json(flat_new.get(key))
+        if _comparable(flat_old.get(key)) != _comparable(flat_new.get(key))
     ]
     if legacy and not diffs:
         return
@@ -163,6 +163,11 @@ def check_same_config(manifest: dict[str, Any], cfg: GenerateConfig, out: str) -
     raise EngineError(
         f"{out} holds a pool made with other settings ({what}); use a new --out or the same settings"
     )
+
+
+def _comparable(value: Any) -> str:
+    """JSON text of a config value, for comparing (a hand-edited manifest may hold Infinity)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _flat(config: Any) -> dict[str, Any]:

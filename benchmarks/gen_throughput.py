@@ -96,7 +96,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.flops import H100_PEAK_TFLOPS, cpu_matmul_peak, image_flops, sd15_random_pipeline
     from benchmarks.report import device_string, today
-    from engine.config import PRESETS, GenerateConfig
+    from engine.config import GenerateConfig
+    from engine.diffusion_settings import DiffusionSettings
     from engine.pipeline import build_pipeline, resolve_device, resolve_dtype
     from engine.tiny import TINY_MODEL_ID, build_tiny_pipeline
 
@@ -106,10 +107,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     on_gpu = device == "cuda"
-    preset = PRESETS[args.preset]
+    preset = DiffusionSettings.presets[args.preset]
     steps = args.steps or preset["steps"]
     guidance = preset["guidance"] if args.guidance is None else args.guidance
-    size = args.size or preset["width"]
+    size = args.size or preset["size"][0]
     plain_batch = args.plain_batch or (48 if on_gpu else 8)
     compile_ = on_gpu if args.compile is None else args.compile
     batch: int | str = "auto" if args.batch == "auto" else int(args.batch)
@@ -264,18 +265,16 @@ def ours_img_per_s(
 ) -> dict:
     """Our worker on `pipe` (made fast in place): warm-up (compile) at construction, then timed shards."""
     from engine.config import GenerateConfig
+    from engine.diffusion import DiffusionGenerator
     from engine.pipeline import prepare_pipeline
-    from engine.worker import DiffusionGenerator, ShardWorker
+    from engine.worker import ShardWorker
 
     with tempfile.TemporaryDirectory(prefix="dfq-bench-gen-") as out:
         cfg = GenerateConfig(
             out=out,
             preset=kw["preset"],
             model=kw["model"] if kw["model"] != "random:sd15" else None,
-            steps=kw["steps"],
-            guidance=kw["guidance"],
-            width=kw["size"],
-            height=kw["size"],
+            settings={"steps": kw["steps"], "guidance": kw["guidance"], "size": (kw["size"], kw["size"])},
             batch_size=kw["batch"],
             device=device,
             dtype=kw["dtype_name"],

@@ -205,10 +205,9 @@ def distill_pool(setup: Setup, out: str, args: argparse.Namespace, seed: int = 0
 
     context, _ = distill_context("cifar_resnet20", setup.checkpoint, None)
     cfg = GenerateConfig(
-        out=out, num_images=args.distill_images, shard_size=args.distill_batch, preset="bn-distill",
-        generator="bn-distill", model="cifar_resnet20", checkpoint=setup.checkpoint, vocab="cifar10", k=2,
-        steps=args.distill_iters, width=32, height=32, batch_size=args.distill_batch,
-        generator_options={"bn_loss": "mse", "ce_weight": args.distill_ce_weight},
+        out=out, num_images=args.distill_images, shard_size=args.distill_batch, generator="bn-distill",
+        model="cifar_resnet20", checkpoint=setup.checkpoint, vocab="cifar10", k=2, batch_size=args.distill_batch,
+        settings={"iterations": args.distill_iters, "bn_loss": "mse", "ce_weight": args.distill_ce_weight},
         workers=args.distill_workers, device="cpu", seed=seed,
     )  # fmt: skip
     t0 = time.perf_counter()

@@ -9,6 +9,9 @@ Public API (resolved lazily, so `import engine` stays cheap):
     generate(cfg) -> dict                run or resume a pool on Ray (engine.driver)
     inspect_pool(out, ...) -> dict       manifest summary, class coverage, contact sheet (engine.inspect)
     EngineError, GenerationError         user errors / a run that could not finish (engine.errors)
+
+Generators plug in by name (engine.generators), each with a typed settings dataclass
+(engine.settings) whose content fields enter the pool's config hash.
 """
 
 from __future__ import annotations

@@ -5,78 +5,78 @@ optimized so that the batch statistics at every BN input of the full-precision c
 the running statistics it learned on real data, optionally pushing each image towards k target
 classes (k=2 with soft labels 0.5/0.5 is the analogue of mixup-class prompting). Two
 parameterizations: `method="generator"` optimizes per-sample latents and a tiny shared decoder
-(Genie-D; the default, Genie's ablation has it quantize better than pixels at equal iterations),
+(Genie-D; the default: Genie's ablation has it quantize better than pixels at equal iterations),
 `method="pixels"` optimizes the normalized pixels directly (ZeroQ / DeepInversion; cheaper per
 iteration). The default objective and rates are Genie-D's (`bn_loss="mse"`, latents at a constant
-rate, the decoder's decaying). On the CIFAR-10 ResNet-20 at the 400-iteration budget, three pools of
-it calibrated W4A4 to 80.11, 80.10 and 79.83 on the JPEG set (3-5 reconstruction seeds each), the one
-pool of the first recipe here (ZeroQ's unsquared norms, a half-width decoder, cosine rates) to
-79.81: no worse, the slice higher (91.3-91.6 against 91.4), and the pool draw itself moves results
-by about 0.3.
+rate, the decoder's decaying). Settings: engine.bn_distill_settings.
 
 Determinism: sample i's class targets and initial latent/pixels are a pure function of
-(run_seed, i) (one `torch.Generator` per sample); the decoder's initial weights and the jitter
-offsets are a pure function of (run_seed, the batch's indices). BN statistics are batch
+(run_seed, i) (engine.seeds, one `torch.Generator` per sample); the decoder's initial weights and
+the jitter offsets are a pure function of (run_seed, the batch's indices). BN statistics are batch
 statistics, so a batch is optimized jointly and a sample's final pixels depend on its batch
 mates: `generate(indices)` is reproducible for the same `indices` list (and batch_size) on the
 same machine, which is what the engine needs, since its work unit (a shard) is a fixed index
-range. On CUDA, cuDNN is held to deterministic kernels during the optimisation.
+range; the batch size is part of the pool's config hash. On CUDA, cuDNN is held to deterministic
+kernels during the optimisation.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .bn_distill_loss import LOSS_FORMS, BNStatsMatcher, bn_layers, bn_stats_loss
-from .bn_distill_nets import LATENT_DIM, SwingJitter, build_latent_generator, draw_offsets, strided_convs
-from .errors import EngineError
+from engine.bn_distill_loss import BNStatsMatcher, bn_layers, bn_stats_loss
+from engine.bn_distill_nets import (
+    LATENT_DIM,
+    SwingJitter,
+    build_latent_generator,
+    draw_offsets,
+    strided_convs,
+)
+from engine.bn_distill_settings import DEFAULT_LR, LOSS_FORMS, METHODS, BNDistillSettings
+from engine.classifier import Classifier
+from engine.errors import EngineError
+from engine.records import sample_record
+from engine.seeds import BN_BATCH, BN_CLASSES, BN_SAMPLE
+
+if TYPE_CHECKING:
+    from engine.config import GenerateConfig
 
 __all__ = ["BNDistillGenerator", "bn_stats_loss", "class_targets", "from_config", "sample_seed"]
 
-METHODS = ("generator", "pixels")
-DEFAULT_LR = {"generator": 0.1, "pixels": 0.1}  # latents (decoder: lr * DECODER_LR_RATIO) / pixels
 DECODER_LR_RATIO = 0.1  # Genie-D: latents 0.1, decoder 0.01
 DECODER_LR_DECAY = (0.95, 100)  # Genie-D: the decoder's lr x 0.95 every 100 iterations; latents constant
-FORMAT_VERSION = 1
 HISTORY_LEN = 64
 _KNOWN_VOCABS = {10: "cifar10", 100: "cifar100", 1000: "imagenet"}
 
 
-def _derive(run_seed: int, *parts: object) -> int:
-    """A 63-bit seed from the run seed and labels; stable across processes and Python versions."""
-    text = "/".join(["bn-distill", str(run_seed), *map(str, parts)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
-
-
 def sample_seed(run_seed: int, index: int) -> int:
     """The seed of sample `index`'s own generator (its initial latent or pixels)."""
-    return _derive(run_seed, "sample", index)
+    return BN_SAMPLE.seed(run_seed, index)
 
 
 def class_targets(run_seed: int, index: int, k: int, num_classes: int) -> list[int]:
     """The k distinct classes of sample `index` ("random" pairing), drawn from their own stream."""
     if k == 0:
         return []
-    gen = torch.Generator().manual_seed(_derive(run_seed, "classes", index))
-    return torch.randperm(num_classes, generator=gen)[:k].tolist()
+    return torch.randperm(num_classes, generator=BN_CLASSES.torch_generator(run_seed, index))[:k].tolist()
 
 
 def _input_stats_term(x: torch.Tensor, form: str) -> torch.Tensor:
     """Genie's input term: per-image channel mean 0 / std 1, the normalized range of real data.
 
     "mse": squared errors summed over every (image, channel) pair, which holds each image to the
-    normalized range (Genie-D averages over the images instead; both pools end at mean 0 / std 1
-    per image within 0.002). "norm": the unsquared norms of the same errors.
+    normalized range (Genie-D averages over the images instead). "norm": the unsquared norms of the
+    same errors.
     """
     std, mean = torch.std_mean(x, dim=(2, 3))
     if form == "mse":
@@ -173,32 +173,26 @@ class BNDistillGenerator:
         return out
 
     def sample_json(self, index: int) -> dict:
-        """The per-sample JSON of SHARDS.md; depends only on (run_seed, index) and the config."""
+        """The per-sample record of SHARDS.md; depends only on (run_seed, index) and the config."""
         ids = class_targets(self.run_seed, index, self.k, self.num_classes)
         names = [self.class_names[c] for c in ids]
-        c, h, w = self.input_size
-        return {
-            "format_version": FORMAT_VERSION,
-            "index": index,
-            "key": f"s{index:09d}",
-            "generator": "bn-distill",
-            "model": self.model_spec,
-            "prompt": "bn-distill: " + (" and ".join(names) if names else "unconditional"),
-            "negative_prompt": None,
-            "class_ids": ids,
-            "class_names": names,
-            "vocab": self.vocab,
-            "k": self.k,
-            "pairing": "random",
-            "seed": sample_seed(self.run_seed, index),
-            "run_seed": self.run_seed,
-            "scheduler": None,
-            "steps": self.iters,
-            "guidance": None,
-            "width": w,
-            "height": h,
-            "rejected": 0,
-        }
+        _, height, width = self.input_size
+        return sample_record(
+            index,
+            generator="bn-distill",
+            model=self.model_spec,
+            prompt="bn-distill: " + (" and ".join(names) if names else "unconditional"),
+            class_ids=ids,
+            class_names=names,
+            vocab=self.vocab,
+            k=self.k,
+            pairing="random",
+            seed=sample_seed(self.run_seed, index),
+            run_seed=self.run_seed,
+            steps=self.iters,
+            width=width,
+            height=height,
+        )
 
     # -- the algorithm --------------------------------------------------------------------------
 
@@ -206,7 +200,7 @@ class BNDistillGenerator:
         """Optimize one batch jointly; returns its 8-bit images and records the loss curve."""
         tick = time.perf_counter()
         model = self.model()
-        batch_seed = _derive(self.run_seed, "batch", ",".join(map(str, indices)))
+        batch_seed = BN_BATCH.seed(self.run_seed, ",".join(map(str, indices)))
         params, make_x = self._parameterize(indices, batch_seed)
         targets = self._soft_targets(indices)
         opt = torch.optim.Adam(params)
@@ -422,42 +416,36 @@ class _deterministic:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = self._saved
 
 
-def from_config(cfg: object, **context: object) -> BNDistillGenerator:
-    """The worker's generator entry point (`GENERATORS["bn-distill"] = "engine.bn_distill:from_config"`).
-
-    `cfg` is the run's GenerateConfig (read by attribute only, so this module does not depend on
-    its other fields); `context` comes from the CLI layer, which alone may import `quant`:
-    `model_factory`, `input_size`, `mean`, `std`, `num_classes` (required) and optionally
-    `class_names`, `method`, `lr`, `ce_weight`, `iters`, `distill_batch`, `swing`. Iterations default
-    to `cfg.steps`, the distillation batch to `cfg.batch_size`; `device="auto"` means CUDA if present.
-    """
-    context = {**dict(getattr(cfg, "generator_options", None) or {}), **context}
-    missing = [
-        key for key in ("model_factory", "input_size", "mean", "std", "num_classes") if key not in context
-    ]
-    if missing:
-        raise EngineError(f"bn-distill needs the classifier's {', '.join(missing)} from the CLI layer")
-    device = getattr(cfg, "device", "cpu") or "cpu"
+def from_config(
+    cfg: GenerateConfig, *, classifier: Classifier | None = None, device: str | None = None, **_: object
+) -> BNDistillGenerator:
+    """The generator of a resolved run config (the registry's factory). `classifier` comes from the
+    CLI layer, which alone may import `quant`; `device` is the worker's (default: cfg.device, where
+    "auto" means CUDA if present)."""
+    if classifier is None:
+        raise EngineError("bn-distill needs the classifier (the `classifier` context) from the CLI layer")
+    s = cfg.generator_settings(BNDistillSettings)
+    if s.batch_size is None:
+        raise TypeError("bn-distill settings are not resolved: pass cfg.resolved()")
+    device = device or cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    steps = context.get("iters") or getattr(cfg, "steps", None) or 400
     return BNDistillGenerator(
-        model_factory=context["model_factory"],  # type: ignore[arg-type]
-        input_size=context["input_size"],  # type: ignore[arg-type]
-        mean=context["mean"],  # type: ignore[arg-type]
-        std=context["std"],  # type: ignore[arg-type]
-        num_classes=int(context["num_classes"]),  # type: ignore[arg-type]
-        iters=int(steps),  # type: ignore[arg-type]
-        lr=context.get("lr"),  # type: ignore[arg-type]
-        batch_size=int(context.get("distill_batch") or getattr(cfg, "batch_size", 128)),  # type: ignore[arg-type]
-        k=int(getattr(cfg, "k", 2)),
-        run_seed=int(getattr(cfg, "seed", 0)),
-        method=str(context.get("method", "generator")),
+        model_factory=classifier.factory,
+        input_size=classifier.input_size,
+        mean=classifier.mean,
+        std=classifier.std,
+        num_classes=classifier.num_classes,
+        iters=s.iterations,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        k=cfg.k,
+        run_seed=cfg.seed,
+        method=s.method,
         device=device,
-        ce_weight=float(context.get("ce_weight", 0.1)),  # type: ignore[arg-type]
-        model_spec=str(getattr(cfg, "model", None) or "unknown"),
-        class_names=context.get("class_names"),  # type: ignore[arg-type]
-        vocab=getattr(cfg, "vocab", None),
-        swing=bool(context.get("swing", True)),
-        bn_loss=str(context.get("bn_loss", "mse")),
+        ce_weight=s.ce_weight,
+        model_spec=str(cfg.model),
+        vocab=cfg.vocab,
+        swing=s.swing,
+        bn_loss=s.bn_loss,
     )

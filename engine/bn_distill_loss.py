@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.bn_distill_settings import LOSS_FORMS
+
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -22,9 +24,6 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
         for m in model.modules()
         if isinstance(m, _BN_TYPES) and m.track_running_stats and m.running_mean is not None
     ]
-
-
-LOSS_FORMS = ("mse", "norm")
 
 
 def stats_distance(d_mean: torch.Tensor, d_std: torch.Tensor, form: str) -> torch.Tensor:

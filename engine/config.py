@@ -1,16 +1,19 @@
-"""The generation config: one frozen dataclass, validated before anything is written.
+"""The run config: one frozen dataclass, validated before anything is written.
 
-Two kinds of fields live here, and the split matters for resume:
+Generic fields describe the pool (size, layout, classes, seed, format) and how it is produced;
+the generator's own settings travel in `settings`, a dataclass declared by the generator
+(engine.generators). The split that matters for resume:
 
-- *content* fields decide what the pool holds (model, prompts, seeds, sampling, sizes, format,
-  layout). They form `content_config()`, stored in `manifest.json` as `config`, and hashed into
-  `config_hash`; a resume with any different content field is refused.
-- *runtime* fields decide only how the pool is produced (workers, device, batch size, attention
-  kernel, Ray address, ...). They may change between a run and its resume; batched GPU kernels can
-  change the last bits of pixels, which SHARDS.md allows.
+- *content* decides what the pool holds: the generic `CONTENT_FIELDS` plus every content setting of
+  the generator. It is the manifest's `config`, hashed into `config_hash`; a resume with any other
+  content is refused.
+- *runtime* fields decide only how the pool is produced (workers, device, attention kernel, Ray
+  address, ...) and may change between a run and its resume; batched GPU kernels can change the
+  last bits of pixels, which SHARDS.md allows. A generator whose pixels depend on one of them (the
+  batch size, for bn-distill) copies it into its settings, which are hashed.
 
-A `preset` fills the content fields the user left as `None` (model, steps, guidance, size), so the
-CLI and the Python API resolve defaults the same way (`resolved()`).
+A preset (the generator's own: `sd15`, `tiny`, `bn-distill`) fills the settings and model the user
+left as `None`, so the CLI and the Python API resolve defaults the same way (`resolved()`).
 """
 
 from __future__ import annotations
@@ -20,25 +23,19 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.errors import EngineError
+from engine.generators import generator_names, settings_class
+from engine.records import FORMAT_VERSION
+from engine.settings import GeneratorSettings
 
 if TYPE_CHECKING:
     from engine.prompts import Vocab
 
-FORMAT_VERSION = 1
-
-SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-#: Presets: defaults for the content fields a user did not set. `sd15` = the paper's settings.
-PRESETS: dict[str, dict[str, Any]] = {
-    "sd15": {"model": SD15_MODEL_ID, "steps": 50, "guidance": 3.5, "width": 512, "height": 512},
-    "tiny": {"model": "preset:tiny", "steps": 4, "guidance": 3.5, "width": 32, "height": 32},
-    # BN-statistics distillation: `steps` are optimisation iterations; the size comes from the classifier.
-    "bn-distill": {"steps": 400, "guidance": 0.0},
-}
+S = TypeVar("S", bound=GeneratorSettings)
 
 PAIRINGS = ("random", "balanced", "similar", "dissimilar")
 IMAGE_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
@@ -47,22 +44,14 @@ DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-#: Short names for common diffusers schedulers; any diffusers `*Scheduler` class name also works.
-SCHEDULER_ALIASES = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
-
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _MAX_SEED = 2**63 - 1
+
+#: Generic fields that shape the pool (hashed with the generator's content settings).
+CONTENT_FIELDS = (
+    "num_images", "shard_size", "generator", "model", "checkpoint", "vocab", "k", "pairing", "seed",
+    "image_format", "quality", "prefix",
+)  # fmt: skip
 
 #: Fields that never enter the hash: how a pool is produced, not what it holds.
 RUNTIME_FIELDS = frozenset(
@@ -88,7 +77,8 @@ RUNTIME_FIELDS = frozenset(
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Everything `engine.generate` needs. `None` content fields are filled from `preset`.
+    """Everything `engine.generate` needs. `settings` is the generator's settings dataclass, a mapping
+    of its field values, or None (its defaults); `resolved()` turns it into the dataclass.
 
     `fault_shard` is a test hook: the first attempt at that shard kills its actor process mid-write
     (SIGKILL after the first batch), to prove crash recovery end to end.
@@ -97,27 +87,18 @@ class GenerateConfig:
     out: str
     num_images: int = 1024
     shard_size: int = 256
-    preset: str = "sd15"
     generator: str = "diffusion"
+    preset: str | None = None  # None: the generator's default preset
     model: str | None = None
     checkpoint: str | None = None
-    #: Generator-specific settings that shape the content (e.g. bn-distill's method and lr): hashed.
-    generator_options: dict[str, Any] = field(default_factory=dict)
+    settings: GeneratorSettings | Mapping[str, Any] | None = None
     vocab: str = "imagenet"
     k: int = 2
     pairing: str = "random"
-    template: str = "a photo of {}"
     seed: int = 0
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    negative_prompt: str | None = None
-    scheduler: str | None = None
     image_format: str = "png"
     quality: int = 95
     prefix: str = "shard"
-    max_retries: int = 3
     # ---- runtime fields (RUNTIME_FIELDS) ----
     name: str | None = None
     batch_size: int | str = 8  # or "auto": sized from free GPU memory by the worker
@@ -136,54 +117,54 @@ class GenerateConfig:
 
     # ------------------------------------------------------------------ resolution / validation
     def resolved(self) -> GenerateConfig:
-        """Validate and return a copy with preset defaults and canonical names filled in.
+        """Validate and return a copy with preset defaults, typed settings and canonical names.
 
         Raises EngineError (one line, naming the bad value) before anything is written.
         """
-        if self.preset not in PRESETS:
-            raise EngineError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
-        preset = PRESETS[self.preset]
-        fill = {name: preset[name] for name in preset if getattr(self, name) is None}
+        if self.generator not in generator_names():
+            raise EngineError(
+                f"unknown generator {self.generator!r} (choose from {', '.join(generator_names())})"
+            )
+        cls = settings_class(self.generator)
+        preset = self.preset or cls.default_preset
+        if preset not in cls.presets:
+            raise EngineError(
+                f"unknown preset {preset!r} for generator {self.generator!r} (choose from {', '.join(cls.presets)})"
+            )
+        defaults = cls.presets[preset]
+        settings = self.settings
+        if settings is None or isinstance(settings, Mapping):
+            settings = cls.from_mapping(settings or {}, self.generator)
+        elif not isinstance(settings, cls):
+            raise EngineError(
+                f"generator {self.generator!r} takes {cls.__name__}, got {type(settings).__name__}"
+            )
         fmt = IMAGE_FORMATS.get(str(self.image_format).lower())
         if fmt is None:
             raise EngineError(f"unknown image format {self.image_format!r} (choose from png, jpg, webp)")
+        model = self.model if self.model is not None else defaults.get("model")
         cfg = dataclasses.replace(
-            self, image_format=fmt, scheduler=_canonical_scheduler(self.scheduler), **fill
+            self, preset=preset, model=model, image_format=fmt, settings=settings.with_defaults(defaults)
         )
         cfg._check()
-        # 3 and 3.0 must hash alike: the canonical JSON of an int and a float differ.
-        return dataclasses.replace(cfg, guidance=float(cfg.guidance), quality=int(cfg.quality))
+        cfg = dataclasses.replace(cfg, quality=int(cfg.quality))
+        return dataclasses.replace(cfg, settings=cfg.generator_settings(GeneratorSettings).resolve(cfg))
 
     def _check(self) -> None:
         _positive("num-images", self.num_images)
         _positive("shard-size", self.shard_size)
         _positive("k", self.k)
-        _positive("steps", self.steps)
         if self.batch_size != "auto":
             _positive("batch-size", self.batch_size)
         if self.compile_mode not in COMPILE_MODES:
             raise EngineError(
                 f"unknown compile mode {self.compile_mode!r} (choose from {', '.join(COMPILE_MODES)})"
             )
-        _positive("width", self.width)
-        _positive("height", self.height)
         if self.workers is not None:
             _positive("workers", self.workers)
-        _nonnegative("max-retries", self.max_retries)
         _nonnegative("max-actor-restarts", self.max_actor_restarts)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= _MAX_SEED:
             raise EngineError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if (
-            not isinstance(self.guidance, (int, float))
-            or isinstance(self.guidance, bool)
-            or not 0
-            <= self.guidance
-            < float("inf")  # also rejects nan, which the manifest's JSON cannot hold
-        ):
-            raise EngineError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value % 8:
-                raise EngineError(f"{name} must be a multiple of 8, got {value}")
         if not 1 <= int(self.quality) <= 100:
             raise EngineError(f"quality must be in [1, 100], got {self.quality!r}")
         if self.pairing not in PAIRINGS:
@@ -196,30 +177,23 @@ class GenerateConfig:
             raise EngineError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if not self.prefix or not _PREFIX_RE.match(self.prefix):
             raise EngineError(f"prefix must be letters, digits, '_' or '-' (no dots), got {self.prefix!r}")
-        if self.template.count("{}") != 1:
-            raise EngineError(
-                f"template must contain exactly one '{{}}' for the classes, got {self.template!r}"
-            )
+        if self.model is None:
+            raise EngineError(f"generator {self.generator!r} needs a model (--model)")
         if not str(self.model).strip():
             raise EngineError("model must not be empty")
-        looks_local = os.path.isabs(self.model) or self.model.startswith((".", "~"))
-        if looks_local and self.address is None and not os.path.isdir(os.path.expanduser(self.model)):
-            raise EngineError(
-                f"model {self.model!r} is not a directory (give a local diffusers folder or a hub id)"
-            )
         if not str(self.out).strip():
             raise EngineError("out must not be empty")
-        from engine.worker import generator_names
-
-        if self.generator not in generator_names():
-            raise EngineError(
-                f"unknown generator {self.generator!r} (choose from {', '.join(generator_names())})"
-            )
         n = len(self.vocabulary().names)
         if self.k > n:
             raise EngineError(f"k={self.k} is more than the {n} classes of vocab {self.vocab!r}")
         if self.fault_shard is not None and not 0 <= self.fault_shard < self.num_shards:
             raise EngineError(f"fault_shard {self.fault_shard} is not a shard of this run")
+
+    def generator_settings(self, cls: type[S]) -> S:
+        """The settings of a resolved config, as the generator's own class (checked)."""
+        if not isinstance(self.settings, cls):
+            raise TypeError(f"settings are {type(self.settings).__name__}, not {cls.__name__}: resolve first")
+        return self.settings
 
     def vocabulary(self) -> Vocab:
         """The class vocabulary, cached on the object: a user file is read once, and the names travel
@@ -250,19 +224,19 @@ class GenerateConfig:
 
     # ------------------------------------------------------------------ identity
     def content_config(self) -> dict[str, Any]:
-        """The manifest's `config`: content fields of a resolved config, plus the vocab's identity.
+        """The manifest's `config` of a resolved config: the generic content fields, the vocab's
+        identity, and the generator's content settings under `settings`.
 
         A user class file is identified by its name and the sha256 of its (cleaned) names, so a
         moved file resumes fine and an edited one is refused.
         """
         vocab = self.vocabulary()
-        out = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS
-        }
+        out = {name: getattr(self, name) for name in CONTENT_FIELDS}
         out["vocab"] = vocab.label
         out["vocab_sha256"] = vocab.sha256
         out["num_classes"] = len(vocab.names)
         out["format_version"] = FORMAT_VERSION
+        out["settings"] = self.generator_settings(GeneratorSettings).content()
         return out
 
     def runtime_config(self) -> dict[str, Any]:
@@ -293,19 +267,3 @@ def _positive(name: str, value: Any) -> None:
 def _nonnegative(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise EngineError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _canonical_scheduler(name: str | None) -> str | None:
-    """Map an alias or class name to a diffusers scheduler class name (None = the model's own)."""
-    if name is None or name in ("", "default"):
-        return None
-    cls_name = SCHEDULER_ALIASES.get(name.lower(), name)
-    import diffusers
-
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not cls_name.endswith("Scheduler"):
-        choices = ", ".join(sorted(SCHEDULER_ALIASES))
-        raise EngineError(
-            f"unknown scheduler {name!r} (a diffusers *Scheduler class name, or one of {choices})"
-        )
-    return cls_name

@@ -8,10 +8,10 @@ and starts no Ray):
 2. create the directory, take `.dfq.lock`, reconcile the directory with the manifest (drop
    shards that are missing or truncated, delete leftovers) and list the shards still to do;
 3. start (or join, `address`) Ray, start one actor per GPU (or `workers` CPU actors), spread over
-   the nodes, and hand out one shard per free actor; a finished shard, once the driver sees it at
-   its final name, is added to the manifest, which is rewritten atomically; an actor that dies (or
-   whose node leaves) has its shard requeued and is replaced, a bounded number of times; the
-   replacement gets work once it is up, so the other actors carry on meanwhile;
+   the nodes, and hand out one shard per free actor (engine.schedule decides; this module only
+   talks to Ray); a finished shard, once the driver sees it at its final name, is added to the
+   manifest, which is rewritten atomically; an actor that dies (or whose node leaves) has its shard
+   requeued and is replaced, a bounded number of times;
 4. delete temporary leftovers, write the final manifest, release the lock, return a summary.
 
 Ray is imported only in step 3: `import engine` works without it.
@@ -23,7 +23,6 @@ import dataclasses
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -40,6 +39,7 @@ from engine.manifest import (
     remove_temp_files,
     save_manifest,
 )
+from engine.schedule import ShardSchedule
 from engine.writer import committed_size, is_local, join, local_path
 
 
@@ -155,130 +155,157 @@ def _run_on_ray(
     summary: dict[str, Any],
     extra_context: dict[str, Any],
 ) -> None:
+    """The Ray edge of the run: start actors, turn the schedule's assignments into remote calls and
+    Ray's answers into schedule events (engine.schedule); commit each finished shard to the manifest."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
-    from tqdm import tqdm
 
-    from engine.worker import GENERATORS, ShardWorker, prepare_context
+    from engine.generators import prepare_context
 
     context = {**prepare_context(cfg), **extra_context}  # once per run, e.g. the similarity matrix
-    started_ray = False
-    if not ray.is_initialized():
-        if cfg.address:
-            ray.init(address=cfg.address, log_to_driver=False)
-        else:
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, cfg.workers or 1),
-                include_dashboard=False,
-                log_to_driver=False,
-            )
-        started_ray = True
-
-    actors: list[Any] = []
-    try:
-        n_actors, options, device, threads = _actor_plan(cfg, ray.cluster_resources())
-        n_actors = min(n_actors, len(todo))
-        actor_cls = ray.remote(ShardWorker)
-        context_ref = ray.put(context)
-
-        def spawn() -> Any:
-            actor = actor_cls.options(max_restarts=0, max_task_retries=0, **options).remote(
-                cfg, context_ref, threads=threads, quiet=True, device=device, target=GENERATORS[cfg.generator]
-            )
-            actors.append(actor)
-            return actor
-
-        pending = deque(todo)
-        free = [spawn() for _ in range(n_actors)]
+    with _ray_session(cfg), _Actors(cfg, context) as actors, _progress_bar(cfg, manifest) as bar:
+        n_actors = min(actors.count, len(todo))
+        schedule = ShardSchedule(todo, cfg.max_actor_restarts, cfg.fault_shard)
+        for _ in range(n_actors):
+            schedule.add_actor(actors.spawn())
         summary["actors"] = n_actors
-        # ref -> (actor, shard); shard None marks a replacement actor's ready() probe: a replacement
-        # gets work only once it runs, so a shard never waits on an actor the cluster cannot place
-        # (its node left and no other has room) while the surviving actors could do it.
-        inflight: dict[Any, tuple[Any, int | None]] = {}
-        faulted = False
-        workers: set[str] = set()
-        nodes: set[str] = set()
-        done_images = manifest["stats"]["images"]
-        with tqdm(
-            total=cfg.num_images,
-            initial=done_images,
-            unit="img",
-            desc="dfq generate",
-            disable=not cfg.progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        ) as bar:
-            # On a fatal error stop handing out work but let in-flight shards finish and commit:
-            # their work is not wasted, and the partial pool is as complete as it can be.
-            failure: Exception | None = None
-            while (pending and failure is None) or any(s is not None for _, s in inflight.values()):
-                while pending and free and failure is None:
-                    actor, shard = free.pop(), pending.popleft()
-                    fault = cfg.fault_shard == shard and not faulted
-                    faulted = faulted or fault
-                    inflight[actor.run_unit.remote(shard, fault)] = (actor, shard)
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in ready:
-                    actor, shard = inflight.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except RayActorError as exc:
-                        ray.kill(actor)
-                        if exc.actor_init_failed:
-                            failure = failure or _init_error(exc)
-                            continue
-                        where = "while starting" if shard is None else f"on shard {shard}"
-                        summary["actor_restarts"] += 1
-                        if summary["actor_restarts"] > cfg.max_actor_restarts:
-                            failure = failure or GenerationError(
-                                f"workers died {summary['actor_restarts']} times (limit {cfg.max_actor_restarts}); "
-                                f"last {where}; re-run the same command to resume"
-                            )
-                            continue
-                        if shard is not None:
-                            pending.appendleft(shard)
-                        replacement = spawn()
-                        inflight[replacement.ready.remote()] = (replacement, None)
-                        bar.write(
-                            f"dfq generate: a worker died {where} (its node may have left); "
-                            "requeued its shard and started a replacement"
-                        )
-                        continue
-                    except RayTaskError as exc:
-                        failure = failure or _task_error(exc, shard)
-                        continue
-                    if shard is None:  # a replacement is up
-                        free.append(actor)
-                        continue
-                    if committed_size(join(cfg.out, result["url"])) != result["filesize"]:
-                        failure = failure or GenerationError(
-                            f"shard {shard} was committed by a worker on node {result.get('node')} but "
-                            f"{join(cfg.out, result['url'])} is missing or of another size here: on a "
-                            f"cluster, --out must be storage every node shares (a shared mount, s3://, gs://)"
-                        )
-                        continue
-                    stats = {k: result.get(k) for k in ("rejected", "seconds", "worker", "node")}
-                    add_shard(manifest, result, stats)
-                    save_manifest(cfg.out, manifest)
-                    workers.add(result["worker"])
-                    nodes.add(result.get("node") or "")
-                    summary["shards_written"] += 1
-                    summary["images_written"] += result["nsamples"]
-                    bar.update(result["nsamples"])
-                    bar.set_postfix(shards=f"{len(manifest['shardlist'])}/{cfg.num_shards}", refresh=False)
-                    free.append(actor)
-        summary["workers"] = sorted(workers)
-        summary["nodes"] = sorted(n for n in nodes if n)
-        if failure is not None:
-            raise failure
+        inflight: dict[Any, Any] = {}  # object ref -> actor (one call per actor at a time)
+        while schedule.running:
+            for actor, shard, fault in schedule.assign():
+                inflight[actor.run_unit.remote(shard, fault)] = actor
+            if not inflight:  # the schedule never gets here; a hang would be worse than an error
+                raise GenerationError("no worker is left to run the remaining shards")
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            actor = inflight.pop(ref)
+            shard = schedule.shard_of(actor)
+            try:
+                result = ray.get(ref)
+            except RayActorError as exc:
+                ray.kill(actor)
+                if exc.actor_init_failed:
+                    schedule.failed(actor, _init_error(exc))
+                elif schedule.died(actor):
+                    replacement = actors.spawn()
+                    schedule.add_actor(replacement, ready=False)
+                    inflight[replacement.ready.remote()] = replacement
+                    where = "while starting" if shard is None else f"on shard {shard}"
+                    bar.write(
+                        f"dfq generate: a worker died {where} (its node may have left); "
+                        "requeued its shard and started a replacement"
+                    )
+                summary["actor_restarts"] = schedule.restarts
+                continue
+            except RayTaskError as exc:
+                schedule.failed(actor, _task_error(exc, shard))
+                continue
+            if shard is None:  # a replacement is up
+                schedule.ready(actor)
+                continue
+            problem = _commit(cfg, manifest, result, summary)
+            if problem is not None:
+                schedule.failed(actor, problem)
+                continue
+            schedule.committed(actor)
+            bar.update(result["nsamples"])
+            bar.set_postfix(shards=f"{len(manifest['shardlist'])}/{cfg.num_shards}", refresh=False)
+    if schedule.failure is not None:
+        raise schedule.failure
+
+
+def _commit(
+    cfg: GenerateConfig, manifest: dict[str, Any], result: dict[str, Any], summary: dict[str, Any]
+) -> Exception | None:
+    """List a shard a worker committed, once the driver sees it at its final name with its size;
+    returns the error instead when it does not (an output the nodes do not share)."""
+    url = join(cfg.out, result["url"])
+    if committed_size(url) != result["filesize"]:
+        return GenerationError(
+            f"shard {result['shard']} was committed by a worker on node {result.get('node')} but {url} is "
+            "missing or of another size here: on a cluster, --out must be storage every node shares "
+            "(a shared mount, s3://, gs://)"
+        )
+    add_shard(manifest, result, {k: result.get(k) for k in ("rejected", "seconds", "worker", "node")})
+    save_manifest(cfg.out, manifest)
+    summary["workers"] = sorted({*summary["workers"], result["worker"]})
+    if result.get("node"):
+        summary["nodes"] = sorted({*summary["nodes"], result["node"]})
+    summary["shards_written"] += 1
+    summary["images_written"] += result["nsamples"]
+    return None
+
+
+@contextmanager
+def _ray_session(cfg: GenerateConfig) -> Iterator[None]:
+    """Join `cfg.address`, or reuse the caller's Ray, or start a local one (shut down at the end)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, cfg.workers or 1), include_dashboard=False, log_to_driver=False
+        )
+    try:
+        yield
     finally:
-        for actor in actors:
+        ray.shutdown()
+
+
+class _Actors:
+    """Starts `ShardWorker` actors as the cluster allows (`_actor_plan`) and kills them all on exit."""
+
+    def __init__(self, cfg: GenerateConfig, context: dict[str, Any]) -> None:
+        import ray
+
+        from engine.generators import generator_spec
+        from engine.worker import ShardWorker
+
+        self.count, self.options, self.device, self.threads = _actor_plan(cfg, ray.cluster_resources())
+        self.cfg, self.target = cfg, generator_spec(cfg.generator).factory
+        self.context_ref = ray.put(context)
+        self.actor_cls = ray.remote(ShardWorker)
+        self.started: list[Any] = []
+
+    def spawn(self) -> Any:
+        actor = self.actor_cls.options(max_restarts=0, max_task_retries=0, **self.options).remote(
+            self.cfg,
+            self.context_ref,
+            threads=self.threads,
+            quiet=True,
+            device=self.device,
+            target=self.target,
+        )
+        self.started.append(actor)
+        return actor
+
+    def __enter__(self) -> _Actors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        for actor in self.started:
             try:
                 ray.kill(actor)
             except Exception:  # already dead
                 pass
-        if started_ray:
-            ray.shutdown()
+
+
+def _progress_bar(cfg: GenerateConfig, manifest: dict[str, Any]) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=cfg.num_images,
+        initial=manifest["stats"]["images"],
+        unit="img",
+        desc="dfq generate",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _actor_plan(

@@ -14,8 +14,10 @@ import re
 import secrets
 from typing import Any
 
-from engine.config import FORMAT_VERSION, GenerateConfig, canonical_json
+from engine.config import GenerateConfig
 from engine.errors import EngineError
+from engine.legacy import is_legacy, upgrade
+from engine.records import FORMAT_VERSION
 from engine.writer import fsync_dir, is_local, join, local_path
 
 MANIFEST_NAME = "manifest.json"
@@ -134,19 +136,51 @@ def save_manifest(out: str, manifest: dict[str, Any]) -> None:
 
 
 def check_same_config(manifest: dict[str, Any], cfg: GenerateConfig, out: str) -> None:
-    """Refuse to resume a pool made with other settings; the message names what differs."""
-    if manifest.get("config_hash") == cfg.config_hash():
+    """Refuse to resume a pool made with other content settings; the message names what differs.
+
+    A manifest in the old flat layout (engine.legacy) is compared after mapping it to today's.
+    """
+    old = manifest.get("config", {})
+    legacy = is_legacy(old)
+    if not legacy and manifest.get("config_hash") == cfg.config_hash():
         return
-    old, new = manifest.get("config", {}), cfg.content_config()
+    if legacy:
+        try:
+            old = upgrade(old, manifest.get("stats"))
+        except EngineError as exc:
+            raise EngineError(
+                f"{out} holds a pool made by an older dfq that this one cannot resume ({exc}); use a new --out"
+            ) from None
+    flat_old, flat_new = _flat(old), _flat(cfg.content_config())
     diffs = [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(set(old) | set(new))
-        if canonical_json(old.get(key)) != canonical_json(new.get(key))
+        f"{key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}"
+        for key in sorted(set(flat_old) | set(flat_new))
+        if _comparable(flat_old.get(key)) != _comparable(flat_new.get(key))
     ]
+    if legacy and not diffs:
+        return
     what = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "") if diffs else "config_hash differs"
     raise EngineError(
         f"{out} holds a pool made with other settings ({what}); use a new --out or the same settings"
     )
+
+
+def _comparable(value: Any) -> str:
+    """JSON text of a config value, for comparing (a hand-edited manifest may hold Infinity)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _flat(config: Any) -> dict[str, Any]:
+    """A content config with its generator settings lifted to the top level (for naming differences)."""
+    if not isinstance(config, dict):
+        return {"config": config}
+    out = {key: value for key, value in config.items() if key != "settings"}
+    settings = config.get("settings")
+    if isinstance(settings, dict):
+        out.update({(f"settings.{k}" if k in out else k): v for k, v in settings.items()})
+    elif "settings" in config:
+        out["settings"] = settings
+    return out
 
 
 def add_shard(manifest: dict[str, Any], entry: dict[str, Any], stats: dict[str, Any] | None = None) -> None:

@@ -5,7 +5,7 @@ and fp32 on CPU, safety checker off (calibration images are never shown to anyon
 replacements would be blank images), SDPA attention (or xformers), and an optional scheduler swap
 that keeps the model's own scheduler config (betas, offsets) as SD1.5 ships it.
 
-Speed (issue 5): `sample_images` is the pipeline's algorithm (encode prompts, prepare latents,
+`sample_images` is the pipeline's algorithm (encode prompts, prepare latents,
 denoise with CFG, decode, postprocess) as one loop with no host sync per step: the scheduler keeps
 its timesteps on the CPU (its coefficients are then host scalars), while the UNet gets timesteps moved
 to the device once per call. `compile_pipeline` compiles the UNet and the VAE decoder
@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from engine.config import COMPILE_MODES, GenerateConfig
+from engine.diffusion_settings import DiffusionSettings
 from engine.errors import EngineError
 from engine.tiny import TINY_MODEL_ID, build_tiny_pipeline
 
@@ -74,7 +75,7 @@ def prepare_pipeline(pipe: Any, cfg: GenerateConfig, device: str, dtype: Any, *,
     channels_last, fused QKV, torch.compile (benchmarks call this on random-weight pipelines)."""
     import torch
 
-    pipe = with_scheduler(pipe, cfg.scheduler)
+    pipe = with_scheduler(pipe, cfg.generator_settings(DiffusionSettings).scheduler)
     if pipe.unet.dtype != dtype:  # casting to the same dtype only makes diffusers warn
         pipe.to(dtype)
     pipe.to(device)
@@ -90,8 +91,8 @@ def prepare_pipeline(pipe: Any, cfg: GenerateConfig, device: str, dtype: Any, *,
     return pipe
 
 
-#: Largest batch `auto` picks (throughput is flat well before this on an H100 at 512 px), and its
-#: choice where there is no GPU memory to size from.
+#: Largest batch `auto` picks (beyond it a bigger batch costs memory, not time), and its choice where
+#: there is no GPU memory to size from.
 AUTO_BATCH_CAP = 64
 AUTO_BATCH_CPU = 8
 
@@ -175,7 +176,8 @@ def auto_batch_size(pipe: Any, cfg: GenerateConfig, cap: int = AUTO_BATCH_CAP, h
         return AUTO_BATCH_CPU
     probe = 2
     dtype = pipe.unet.dtype
-    lat_h, lat_w = cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor
+    size = cfg.generator_settings(DiffusionSettings)
+    lat_h, lat_w = size.height // pipe.vae_scale_factor, size.width // pipe.vae_scale_factor
     hidden = pipe.text_encoder.config.hidden_size
     length = pipe.tokenizer.model_max_length
     torch.cuda.synchronize(device)

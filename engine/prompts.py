@@ -4,12 +4,11 @@ Everything here is a pure function of (run seed, sample index) (plus, for the si
 pairings, a class-similarity matrix computed once per run), so any sample of a pool can be
 regenerated from its index alone, on any worker, in any order.
 
-Random streams are separated by a tag in the numpy `SeedSequence` entropy, so adding a new use of
-randomness never shifts an existing one:
+Random streams come from engine.seeds, one tagged stream per use:
 
-    classes of sample i      default_rng([run_seed, i, _CLASSES])
-    noise seed of sample i   SeedSequence([run_seed, i, _NOISE, attempt])   (attempt > 0: a retry)
-    balanced epoch e         default_rng([run_seed, e, _BALANCED])
+    classes of sample i      CLASSES.rng(run_seed, i)
+    noise seed of sample i   NOISE.seed(run_seed, i, attempt)   (attempt > 0: a retry)
+    balanced epoch e         BALANCED.rng(run_seed, e)
 """
 
 from __future__ import annotations
@@ -24,12 +23,9 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError
+from engine.seeds import BALANCED, CLASSES, NOISE
 
 BUILTIN_VOCABS = ("imagenet", "cifar10", "cifar100")
-
-_CLASSES = 0x636C  # stream tags: arbitrary constants, fixed forever (changing one changes every pool)
-_NOISE = 0x6E7A
-_BALANCED = 0x6261
 
 
 # ---------------------------------------------------------------------------------------- vocab
@@ -110,8 +106,7 @@ class PromptSample:
 
 def noise_seed(run_seed: int, index: int, attempt: int = 0) -> int:
     """The torch.Generator seed of sample `index`; `attempt` > 0 derives the seed of a retry."""
-    state = np.random.SeedSequence([run_seed, index, _NOISE, attempt]).generate_state(1, dtype=np.uint64)
-    return int(state[0]) & (2**63 - 1)
+    return NOISE.seed(run_seed, index, attempt)
 
 
 class PromptSampler:
@@ -163,7 +158,7 @@ class PromptSampler:
         if self.pairing == "balanced":
             perm, offsets = self._epoch(index // n)
             return tuple(int(perm[(index % n + int(o)) % n]) for o in offsets)
-        rng = np.random.default_rng([self.run_seed, index, _CLASSES])
+        rng = CLASSES.rng(self.run_seed, index)
         if self.pairing == "random":
             return tuple(int(c) for c in rng.choice(n, size=k, replace=False))
         first = int(rng.integers(n))
@@ -178,7 +173,7 @@ class PromptSampler:
         cached = self._epoch_cache.get(epoch)
         if cached is None:
             n = len(self.vocab.names)
-            rng = np.random.default_rng([self.run_seed, epoch, _BALANCED])
+            rng = BALANCED.rng(self.run_seed, epoch)
             perm = rng.permutation(n)
             offsets = np.concatenate([[0], 1 + rng.choice(n - 1, size=self.k - 1, replace=False)])
             cached = self._epoch_cache[epoch] = (perm, offsets.astype(np.int64))

@@ -1,8 +1,8 @@
-"""The classifier side of the bn-distill generator, injected by the CLI.
+"""The classifier of classifier-based generators (bn-distill), injected by the CLI.
 
-`engine` may not import `quant`, but the bn-distill generator needs the classifier that `quant`
-knows how to build. The CLI layer, which may import both, resolves the model spec here and hands the
-engine a picklable factory (it travels to Ray actors) plus the model's data config.
+`engine` may not import `quant`, but those generators need the classifier that `quant` knows how to
+build. The CLI layer, which may import both, resolves the model spec here and hands the engine an
+`engine.classifier.Classifier`: a picklable factory (it travels to Ray actors) and the data config.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ def load_classifier(spec: str, checkpoint: str | None, num_classes: int | None) 
 def distill_context(
     spec: str, checkpoint: str | None, num_classes: int | None
 ) -> tuple[dict[str, Any], dict]:
-    """(generator context, data config) for `spec`: loads the model once here, so a bad spec or
-    checkpoint is a one-line error before Ray starts."""
+    """(generator context `{"classifier": Classifier}`, data config) for `spec`: loads the model once
+    here, so a bad spec or checkpoint is a one-line error before Ray starts."""
+    from engine.classifier import Classifier
     from quant.models import load_model
 
     _, data_config = load_model(spec, checkpoint=checkpoint, num_classes=num_classes)
-    context = {
-        "model_factory": functools.partial(load_classifier, spec, checkpoint, num_classes),
-        "input_size": tuple(data_config["input_size"]),
-        "mean": tuple(data_config["mean"]),
-        "std": tuple(data_config["std"]),
-        "num_classes": int(data_config["num_classes"]),
-    }
-    return context, data_config
+    classifier = Classifier(
+        factory=functools.partial(load_classifier, spec, checkpoint, num_classes),
+        input_size=tuple(data_config["input_size"]),
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        num_classes=int(data_config["num_classes"]),
+    )
+    return {"classifier": classifier}, data_config

@@ -20,6 +20,7 @@ from launch.cmd_bench import BENCHMARKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEN = ["generate", "--out", "{tmp}/pool", "--preset", "tiny"]
+BN = ["generate", "--out", "{tmp}/pool", "--generator", "bn-distill", "--model", "cifar_resnet20"]
 QUANT = ["quantize", "--model", "cifar_resnet20", "--calib", "noise", "--out", "{tmp}/q"]
 
 # (argv, text the one-line message must contain); `{tmp}` is the test's tmp_path
@@ -67,6 +68,15 @@ CASES: list[tuple[list[str], str]] = [
     (["generate", "--out", "", "--preset", "tiny"], "out"),
     (["generate", "--out", "{tmp}/two.txt", "--preset", "tiny"], "{tmp}/two.txt"),
     (["generate", "--out", "{tmp}/two.txt/pool", "--preset", "tiny"], "{tmp}/two.txt/pool"),
+    # generate: generator options (from the generators' settings)
+    ([*GEN, "--distill-lr", "0.1"], "--distill-lr"),
+    ([*BN, "--guidance", "2"], "--guidance"),
+    ([*BN, "--iterations", "2", "--steps", "3"], "--iterations and --steps"),
+    ([*BN, "--distill-lr", "0"], "'0'"),
+    ([*BN, "--distill-method", "magic"], "'magic'"),
+    ([*BN, "--preset", "tiny"], "'tiny'"),
+    ([*BN, "--pairing", "balanced"], "'balanced'"),
+    ([*BN, "--batch-size", "auto"], "'auto'"),
     # quantize
     (["quantize"], "--model"),
     ([*QUANT, "--wbits", "1"], "got 1"),
@@ -155,7 +165,7 @@ def test_bad_input_as_a_real_process(files: str, argv, needle: str) -> None:
 @pytest.mark.parametrize("guidance", [float("inf"), float("-inf"), float("nan"), -1.0, True])
 def test_config_refuses_non_finite_guidance(tmp_path, guidance) -> None:
     """The Python API gets the same one-line refusal as the CLI, before anything is written."""
-    cfg = GenerateConfig(out=str(tmp_path / "pool"), preset="tiny", guidance=guidance)
+    cfg = GenerateConfig(out=str(tmp_path / "pool"), preset="tiny", settings={"guidance": guidance})
     with pytest.raises(EngineError, match="guidance must be a finite number >= 0"):
         cfg.resolved()
     assert not (tmp_path / "pool").exists()

@@ -173,24 +173,53 @@ def test_model_without_bn_or_wrong_width_is_refused() -> None:
         wrong.generate([0])
 
 
-def test_from_config_builds_from_run_config_and_cli_context() -> None:
-    from types import SimpleNamespace
+def bn_cfg(tmp_path, **kw):
+    """A bn-distill run config over a 5-name class file (the tiny CNN's classes)."""
+    from engine.config import GenerateConfig
 
+    names = tmp_path / "letters.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    base = dict(out=str(tmp_path / "pool"), generator="bn-distill", model="module:tiny", vocab=str(names))
+    return GenerateConfig(**{**base, **kw}).resolved()
+
+
+def test_from_config_builds_from_the_run_config_and_the_classifier(tmp_path) -> None:
     from engine.bn_distill import from_config
+    from engine.classifier import Classifier
 
-    cfg = SimpleNamespace(
-        device="auto", steps=3, batch_size=4, k=2, seed=5, model="module:tiny", vocab="file:x"
-    )
-    context = dict(model_factory=tiny_bn_cnn, input_size=SIZE, mean=MEAN, std=STD, num_classes=NUM_CLASSES)
-    gen = from_config(cfg, **context, method="pixels", bn_loss="norm")
+    classifier = Classifier(tiny_bn_cnn, SIZE, MEAN, STD, NUM_CLASSES)
+    settings = {"iterations": 3, "method": "pixels", "bn_loss": "norm", "ce_weight": 0.5, "swing": False}
+    cfg = bn_cfg(tmp_path, seed=5, batch_size=4, settings=settings)
+    gen = from_config(cfg, classifier=classifier)
     assert (gen.iters, gen.batch_size, gen.k, gen.run_seed, gen.method) == (3, 4, 2, 5, "pixels")
-    assert gen.bn_loss == "norm" and from_config(cfg, **context).bn_loss == "mse"
+    assert (gen.bn_loss, gen.lr, gen.ce_weight, gen.swing, gen.device.type) == (
+        "norm",
+        0.1,
+        0.5,
+        False,
+        "cpu",
+    )
     ((img, meta),) = gen.generate([1])
-    assert meta["model"] == "module:tiny" and meta["steps"] == 3 and meta["vocab"] == "file:x"
-    with pytest.raises(EngineError, match="model_factory"):
-        from_config(cfg, input_size=SIZE, mean=MEAN, std=STD, num_classes=NUM_CLASSES)
+    assert meta["model"] == "module:tiny" and meta["steps"] == 3 and meta["vocab"] == cfg.vocab
+    assert from_config(bn_cfg(tmp_path), classifier=classifier).bn_loss == "mse"
+    with pytest.raises(EngineError, match="classifier"):
+        from_config(cfg)
     with pytest.raises(EngineError, match="vocab 'imagenet' has 1000 classes"):
-        from_config(SimpleNamespace(vocab="imagenet"), **context)
+        from_config(bn_cfg(tmp_path, vocab="imagenet"), classifier=classifier)
+
+
+def test_batch_size_is_part_of_the_recipe(tmp_path) -> None:
+    """BN statistics are batch statistics: the batch size (the run's, unless the settings give one)
+    enters the config hash, as every other bn-distill setting does."""
+    base = bn_cfg(tmp_path, batch_size=4)
+    assert base.settings.batch_size == 4 and base.content_config()["settings"]["batch_size"] == 4
+    assert bn_cfg(tmp_path, batch_size=2).config_hash() != base.config_hash()
+    assert bn_cfg(tmp_path, batch_size=2, settings={"batch_size": 4}).config_hash() == base.config_hash()
+    assert bn_cfg(tmp_path, batch_size=4, workers=3, device="cpu").config_hash() == base.config_hash()
+    with pytest.raises(EngineError, match="'auto'"):
+        bn_cfg(tmp_path, batch_size="auto")
+    with pytest.raises(EngineError, match="pairing 'balanced'"):
+        bn_cfg(tmp_path, pairing="balanced")
 
 
 def test_generator_schedule_is_genie_d() -> None:

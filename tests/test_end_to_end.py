@@ -128,7 +128,8 @@ def test_bn_distill_pool_through_the_engine(ray_local, tmp_path: Path) -> None:
     )  # fmt: skip
     samples = _check_pool(pool, "bn-distill")
     config = json.loads((pool / "manifest.json").read_text())["config"]
-    assert config["generator_options"] == {"bn_loss": "norm"}  # shapes the content: part of the hash
+    assert config["settings"]["bn_loss"] == "norm"  # shapes the content: part of the hash
+    assert config["settings"]["iterations"] == 3 and config["settings"]["batch_size"] == 8
     assert all(s["image"].size == (32, 32) for s in samples)
     assert all(len(set(s["json"]["class_ids"])) == 2 for s in samples)  # mixup of two class targets
     result = _quantize(

@@ -1,4 +1,4 @@
-"""Fault injection (issue 8): whatever dies or fails mid-run, the pool loses and duplicates nothing.
+"""Fault injection: whatever dies or fails mid-run, the pool loses and duplicates nothing.
 
 Every scenario ends with `assert_pool_exact`: the manifest is complete, every listed shard's bytes
 hash to the manifest's sha256 *and* to the same shard of a reference pool made without faults, and
@@ -27,9 +27,11 @@ import time
 import pytest
 
 from engine.config import GenerateConfig
+from engine.diffusion import DiffusionGenerator
+from engine.generators import GENERATORS, GeneratorSpec
 from engine.lock import PoolLock
 from engine.manifest import add_shard, load_manifest, new_manifest, reconcile, save_manifest
-from engine.worker import GENERATORS, DiffusionGenerator, ShardWorker
+from engine.worker import ShardWorker
 from engine.writer import ShardWriter, encode_image, file_sha256
 from launch.cli import main
 
@@ -41,7 +43,7 @@ GEN_ARGS += ["--batch-size", "2", "--no-progress"]
 
 def tiny_cfg(out, **kw) -> GenerateConfig:
     """The API twin of `dfq generate <GEN_ARGS>`."""
-    base = {"preset": "tiny", "num_images": N, "shard_size": SHARD, "steps": 2, "batch_size": 2}
+    base = {"preset": "tiny", "num_images": N, "shard_size": SHARD, "settings": {"steps": 2}, "batch_size": 2}
     return GenerateConfig(out=str(out), **{**base, "workers": 2, "progress": False, **kw})
 
 
@@ -295,7 +297,8 @@ def test_disk_full_in_a_worker_fails_cleanly_then_resumes(
     token.write_text("fire once")
     monkeypatch.setenv(FULL_TOKEN_ENV, str(token))
     monkeypatch.syspath_prepend(ROOT)  # Ray actors find `tests` through the driver's cwd (Ray's default)
-    monkeypatch.setitem(GENERATORS, "diskfull-test", "tests.test_faults:DiskFullGenerator")
+    spec = GeneratorSpec("tests.test_faults:DiskFullGenerator", GENERATORS["diffusion"].settings)
+    monkeypatch.setitem(GENERATORS, "diskfull-test", spec)
     out = str(tmp_path / "pool")
     argv = ["generate", "--out", out, *GEN_ARGS, "--workers", "1", "--generator", "diskfull-test"]
 

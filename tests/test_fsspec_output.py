@@ -19,6 +19,7 @@ import webdataset as wds
 from fsspec.implementations.memory import MemoryFileSystem
 
 from engine.config import GenerateConfig
+from engine.diffusion import DiffusionGenerator
 from engine.driver import generate
 from engine.errors import EngineError, GenerationError
 from engine.lock import LOCK_NAME, PoolLock
@@ -30,7 +31,7 @@ from engine.manifest import (
     remove_temp_files,
     save_manifest,
 )
-from engine.worker import DiffusionGenerator, ShardWorker
+from engine.worker import ShardWorker
 from engine.writer import ShardWriter, committed_size, encode_image, is_local
 
 
@@ -75,7 +76,7 @@ def _one_torch_thread():
 
 
 def _cfg(out: str, **kw) -> GenerateConfig:
-    base = {"preset": "tiny", "steps": 2, "width": 16, "height": 16, "num_images": 6, "shard_size": 2}
+    base = {"preset": "tiny", "settings": {"steps": 2, "size": (16, 16)}, "num_images": 6, "shard_size": 2}
     return GenerateConfig(out=out, **{**base, "batch_size": 2, "workers": 1, "progress": False, **kw})
 
 

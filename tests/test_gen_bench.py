@@ -1,5 +1,6 @@
-"""Generation throughput (issue 5): the benchmarks run on a CPU in their tiny form and write well-formed
-reports (fields as benchmarks/README.md lists them); the fast worker path keeps the shard bytes of the plain one."""
+"""Generation throughput: the benchmarks run on a CPU in their tiny form and write well-formed reports
+(`gen_throughput.FIELDS`, the scaling rows' fields); the fast worker path keeps the shard bytes of the
+plain one."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 
 from benchmarks import gen_scaling, gen_throughput
 from engine.config import GenerateConfig
+from engine.diffusion import DiffusionGenerator, _to_pil, is_usable, to_uint8, usable_mask
 from engine.pipeline import sample_images
-from engine.worker import DiffusionGenerator, ShardWorker, _to_pil, is_usable, to_uint8, usable_mask
+from engine.worker import ShardWorker
 from engine.writer import file_sha256
 
 GEN_FIELDS = set(gen_throughput.FIELDS)
@@ -36,14 +38,14 @@ def tiny_cfg(out, **kw) -> GenerateConfig:
 
 
 class _PlainCallGenerator(DiffusionGenerator):
-    """The pre-issue-5 path: the diffusers pipeline call itself, one per batch."""
+    """The plain path: the diffusers pipeline call itself, one per batch."""
 
     def denoise(self, prompts, seeds, steps=None):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         with torch.inference_mode():
             return self.pipe(
-                prompt=prompts, num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
-                height=self.cfg.height, width=self.cfg.width, generator=generators, output_type="np",
+                prompt=prompts, num_inference_steps=self.settings.steps, guidance_scale=self.settings.guidance,
+                height=self.settings.height, width=self.settings.width, generator=generators, output_type="np",
             ).images  # fmt: skip
 
 
@@ -119,7 +121,7 @@ def test_padded_batches_return_only_the_real_samples(tiny_pipeline, tmp_path) ->
 def test_a_writer_thread_error_fails_the_shard_and_leaves_no_file(tiny_pipeline, tmp_path) -> None:
     class Broken(DiffusionGenerator):
         def generate(self, indices):
-            return [("not an image", self.sample_json(self.sampler.sample(i), 0, 0)) for i in indices]
+            return [("not an image", self.record(self.sampler.sample(i), 0, 0)) for i in indices]
 
     cfg = tiny_cfg(tmp_path)
     with pytest.raises(AttributeError):
@@ -168,7 +170,7 @@ def test_scaling_benchmark_tiny_on_cpu_writes_a_full_report(ray_local, tmp_path)
 @pytest.mark.slow
 def test_flop_count_of_the_sd15_architecture_matches_the_h100_anchor() -> None:
     """On the meta device (no weights, no compute): 0.80 TFLOP a UNet sample-forward, 2.5 TFLOP a VAE
-    decode, 82.8 TFLOP an image at 512 px, 50 steps, CFG (docs/results.md)."""
+    decode, 82.8 TFLOP an image at 512 px, 50 steps, CFG (the measured anchor this project works from)."""
     from benchmarks.flops import image_flops, sd15_random_pipeline
 
     flops = image_flops(sd15_random_pipeline("meta"), 512, 512, 50, 3.5)

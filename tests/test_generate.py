@@ -15,11 +15,12 @@ import pytest
 import webdataset as wds
 
 from engine.config import GenerateConfig
+from engine.diffusion import DiffusionGenerator
 from engine.driver import generate
 from engine.errors import EngineError, GenerationError
 from engine.lock import LOCK_NAME, PoolLock
 from engine.prompts import load_vocab, make_prompt, noise_seed
-from engine.worker import DiffusionGenerator, ShardWorker
+from engine.worker import ShardWorker
 from engine.writer import file_sha256
 from launch.cli import main
 
@@ -240,28 +241,30 @@ def test_unusable_images_are_regenerated_with_derived_seeds(tiny_pipeline, tmp_p
     assert (metas[5]["rejected"], metas[5]["seed"]) == (2, noise_seed(0, 5, 2))
     assert all(metas[i]["rejected"] == 0 and metas[i]["seed"] == noise_seed(0, i) for i in (0, 1, 2, 4, 6, 7))
 
-    always_bad = _FlakyGenerator(dataclass_replace(cfg, max_retries=1), pipe=tiny_pipeline)
+    fewer_retries = dataclass_replace(cfg, settings=dataclass_replace(cfg.settings, max_retries=1))
+    always_bad = _FlakyGenerator(fewer_retries, pipe=tiny_pipeline)
     with pytest.raises(GenerationError, match="sample 5"):
         always_bad.generate([5])
 
 
-def dataclass_replace(cfg: GenerateConfig, **kw) -> GenerateConfig:
+def dataclass_replace(obj, **kw):
     import dataclasses
 
-    return dataclasses.replace(cfg, **kw)
+    return dataclasses.replace(obj, **kw)
 
 
 def test_local_model_dir_with_scheduler_swap_and_similar_pairing(tiny_pipeline, tmp_path) -> None:
     """The from_pretrained path (a local diffusers folder), a scheduler alias, and similarity pairing
     whose matrix is prepared once (as the driver does) and handed to the worker as its context."""
+    from engine.generators import prepare_context
     from engine.prompts import rank_by_similarity
-    from engine.worker import prepare_context
 
     model_dir = tmp_path / "tiny-sd"
     tiny_pipeline.save_pretrained(str(model_dir))
     cfg = GenerateConfig(
-        out=str(tmp_path), model=str(model_dir), width=32, height=32, steps=2, scheduler="ddim", vocab="cifar10",
-        pairing="similar", num_images=4, shard_size=4, image_format="webp", negative_prompt="blurry",
+        out=str(tmp_path), model=str(model_dir), vocab="cifar10", pairing="similar", num_images=4, shard_size=4,
+        image_format="webp",
+        settings={"size": (32, 32), "steps": 2, "scheduler": "ddim", "negative_prompt": "blurry"},
     ).resolved()  # fmt: skip
     context = prepare_context(cfg)
     assert context["similarity"].shape == (10, 10)

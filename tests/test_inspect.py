@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from engine.config import GenerateConfig
+from engine.diffusion import DiffusionGenerator
 from engine.inspect import class_coverage, inspect_pool
 from engine.manifest import add_shard, new_manifest, save_manifest
-from engine.worker import DiffusionGenerator, ShardWorker
+from engine.worker import ShardWorker
 from launch.cli import main
 
 

@@ -20,8 +20,9 @@ import pytest
 import webdataset as wds
 
 from engine.config import GenerateConfig
+from engine.diffusion import DiffusionGenerator
 from engine.driver import _actor_plan
-from engine.worker import DiffusionGenerator, ShardWorker
+from engine.worker import ShardWorker
 from engine.writer import file_sha256
 from launch.cli import main
 
@@ -124,7 +125,7 @@ def test_cluster_run_spreads_over_nodes_and_survives_losing_one(
     assert indices == list(range(N))  # every index exactly once
 
     # the same config run in-process (no cluster, no node loss) gives the same shard bytes
-    cfg = GenerateConfig(out=str(tmp_path / "ref"), preset="tiny", steps=2, width=16, height=16)
+    cfg = GenerateConfig(out=str(tmp_path / "ref"), preset="tiny", settings={"steps": 2, "size": (16, 16)})
     cfg = _replace(cfg, num_images=N, shard_size=SHARD, batch_size=2).resolved()
     os.makedirs(cfg.out)
     worker = ShardWorker(cfg, generator=DiffusionGenerator(cfg, pipe=tiny_pipeline))

@@ -176,10 +176,10 @@ def test_retry_seeds_are_derived_and_distinct() -> None:
         ({"image_format": "gif"}, "gif"),
         ({"preset": "huge"}, "huge"),
         ({"vocab": "no-such-vocab"}, "no-such-vocab"),
-        ({"template": "a photo"}, "template"),
-        ({"width": 30}, "multiple of 8"),
+        ({"settings": {"template": "a photo"}}, "template"),
+        ({"settings": {"size": (30, 32)}}, "width must be a multiple of 8"),
         ({"seed": -1}, "seed"),
-        ({"scheduler": "warp"}, "warp"),
+        ({"settings": {"scheduler": "warp"}}, "warp"),
         ({"generator": "gan"}, "gan"),
         ({"prefix": "a.b"}, "prefix"),
     ],
@@ -196,12 +196,18 @@ def test_config_hash_covers_content_not_runtime() -> None:
         base.config_hash()
         == GenerateConfig(out="/tmp/b", preset="tiny", workers=3, batch_size=2).resolved().config_hash()
     )
-    for change in ({"seed": 1}, {"k": 1}, {"num_images": 2048}, {"steps": 5}, {"vocab": "cifar10"}):
+    for change in (
+        {"seed": 1},
+        {"k": 1},
+        {"num_images": 2048},
+        {"settings": {"steps": 5}},
+        {"vocab": "cifar10"},
+    ):
         assert (
             GenerateConfig(out="/tmp/a", preset="tiny", **change).resolved().config_hash()
             != base.config_hash()
         )
     assert (
-        GenerateConfig(out="/tmp/a", preset="tiny", guidance=3).resolved().config_hash()
-        == GenerateConfig(out="/tmp/a", preset="tiny", guidance=3.0).resolved().config_hash()
+        GenerateConfig(out="/tmp/a", preset="tiny", settings={"guidance": 3}).resolved().config_hash()
+        == GenerateConfig(out="/tmp/a", preset="tiny", settings={"guidance": 3.0}).resolved().config_hash()
     )

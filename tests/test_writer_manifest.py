@@ -171,6 +171,11 @@ def test_config_mismatch_names_the_difference(tmp_path) -> None:
         check_same_config(manifest, _cfg(str(tmp_path), seed=5), "pool")
     with pytest.raises(EngineError, match=r"num_images: 10 -> 12"):
         check_same_config(manifest, _cfg(str(tmp_path), num_images=12), "pool")
+    with pytest.raises(EngineError, match=r"steps: 4 -> 5"):  # a generator setting, named as such
+        check_same_config(manifest, _cfg(str(tmp_path), settings={"steps": 5}), "pool")
+    edited = {**manifest, "config": {**manifest["config"], "seed": float("inf")}, "config_hash": "0" * 64}
+    with pytest.raises(EngineError, match=r"seed: inf -> 0"):
+        check_same_config(edited, _cfg(str(tmp_path)), "pool")
 
 
 def test_lock_refuses_a_second_holder_in_process_and_across_processes(tmp_path) -> None:

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.argtypes import area_fraction, nonnegative_float, positive_int, seed_list
-
-
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+from benchmarks.argtypes import area_fraction, nonnegative_float, nonnegative_int, positive_int, seed_list
 
 
 def bits(text: str) -> int:

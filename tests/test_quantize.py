@@ -18,15 +18,7 @@ from quant.blocks import QuantBlock, QuantLayerUnit
 from quant.capture import capture
 from quant.modules import QuantAct, QuantConv2d, QuantLinear
 from quant.zoo import REGISTRY
-
-
-def with_bn_stats(model: nn.Module, shape=(3, 32, 32)) -> nn.Module:
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, *shape) * 1.5 + 0.2)
-    return model.eval()
+from tests.test_reconstruct import with_bn_stats
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from quant.vit.quantizers import SearchedUniformQuantizer
 from quant.vit.reconstruct import _feeds, transformer_blocks
 from quant.vit.rotate import rotate_heads
 from quant.vit.torch_attention import QuantMultiheadAttention, QuantTransformerEncoderLayer
+from tests.test_vit import _one_thread  # noqa: F401  (the autouse one-thread fixture)
 
 
 class EncoderNet(nn.Module):
@@ -73,15 +74,6 @@ EXTRA = {"causal": lambda: EncoderNet(norm_first=True, causal=True)}
 def _make(name: str) -> nn.Module:
     torch.manual_seed(0)
     return {**MODELS, **EXTRA}[name]().eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Calibration is many small ops; on a loaded 2-core box one thread is far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

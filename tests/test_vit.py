@@ -332,3 +332,20 @@ def test_log_quantizer_picks_a_finer_base_when_bits_allow() -> None:
     rebuilt = torch.where(shift < 0, 0.0, fine.delta * 2.0 ** (-shift.float() + mantissa.float() / m))
     torch.testing.assert_close(rebuilt, fine(attn))
     assert LogQuantizer(bits=4).octave_steps == (2,)  # 4 bits: only log-sqrt2 spans 8 octaves
+
+
+def test_log_sqrt2_only_pins_every_post_softmax_grid_to_log_sqrt2(data) -> None:
+    """`TransformerSettings.log_sqrt2_only` is RepQ-ViT's grid (for a like-for-like comparison); the
+    default lets the 8-bit grid take a finer base."""
+    calib, _ = data
+    model = _make("vit")
+    grids = {}
+    for pinned in (False, True):
+        q = quant.quantize(
+            model, calib, TransformerSettings(wbits=8, abits=8, log_sqrt2_only=pinned, gptq=False)
+        )
+        grids[pinned] = [m for m in q.modules() if isinstance(m, LogQuantizer)]
+    assert grids[True] and all(type(g) is LogSqrt2Quantizer for g in grids[True])
+    assert all(int(g.steps_per_octave) == 2 for g in grids[True])
+    assert grids[False] and all(type(g) is LogQuantizer for g in grids[False])
+    assert any(int(g.steps_per_octave) > 2 for g in grids[False])

@@ -162,7 +162,10 @@ def _run_on_ray(
 
     from engine.generators import prepare_context
 
-    context = {**prepare_context(cfg), **extra_context}  # once per run, e.g. the similarity matrix
+    context = {
+        **prepare_context(cfg, extra_context),
+        **extra_context,
+    }  # once per run, e.g. the similarity matrix
     with _ray_session(cfg), _Actors(cfg, context) as actors, _progress_bar(cfg, manifest) as bar:
         n_actors = min(actors.count, len(todo))
         schedule = ShardSchedule(todo, cfg.max_actor_restarts, cfg.fault_shard)

@@ -10,6 +10,7 @@ a classmethod `prepare(cfg) -> dict` that the driver runs once per run and hands
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +41,11 @@ GENERATORS: dict[str, GeneratorSpec] = {
         "engine.bn_distill:from_config",
         "engine.bn_distill_settings:BNDistillSettings",
         "BN-statistics distillation of a classifier (Genie-D, ZeroQ)",
+    ),
+    "enhancing-dfq": GeneratorSpec(
+        "engine.enhancing_dfq:EnhancingDFQGenerator",
+        "engine.enhancing_dfq_settings:EnhancingDFQSettings",
+        "a class-conditional generator trained on the classifier (EnhancingDFQ)",
     ),
 }
 
@@ -85,7 +91,12 @@ def build_generator(cfg: GenerateConfig, target: str | None = None, **context: A
     return load(target or generator_spec(cfg.generator).factory)(cfg, **context)
 
 
-def prepare_context(cfg: GenerateConfig) -> dict[str, Any]:
-    """Run the generator's once-per-run preparation (in the driver), if it has one."""
+def prepare_context(cfg: GenerateConfig, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the generator's once-per-run preparation (in the driver), if it has one; it receives
+    the parts of the caller's `context` its signature names (e.g. enhancing-dfq's `classifier`)."""
     prepare = getattr(load(generator_spec(cfg.generator).factory), "prepare", None)
-    return dict(prepare(cfg)) if prepare is not None else {}
+    if prepare is None:
+        return {}
+    params = inspect.signature(prepare).parameters
+    given = {k: v for k, v in (context or {}).items() if k in params and k != "cfg"}
+    return dict(prepare(cfg, **given))

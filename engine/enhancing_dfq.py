@@ -354,15 +354,14 @@ class EnhancingDFQGenerator:
         """SHARDS.md's record plus `soft_label` ({class id: weight >= 0.001}) and `mix_weights`."""
         _, height, width = self.classifier.input_size
         names = [self.names[c] for c in classes]
-        record = sample_record(
+        return sample_record(
             index, generator="enhancing-dfq", model=str(self.cfg.model),
             prompt="enhancing-dfq: " + " and ".join(names), class_ids=classes, class_names=names,
             vocab=self.vocab, k=self.cfg.k, pairing="random", seed=EDFQ_SAMPLE.seed(self.cfg.seed, index),
             run_seed=self.cfg.seed, steps=self.s.iterations, width=width, height=height,
+            soft_label={c: round(w, 6) for c, w in enumerate(soft) if w >= SOFT_LABEL_MIN},
+            mix_weights=[round(w, 6) for w in lam],
         )  # fmt: skip
-        record["soft_label"] = {str(c): round(w, 6) for c, w in enumerate(soft) if w >= SOFT_LABEL_MIN}
-        record["mix_weights"] = [round(w, 6) for w in lam]
-        return record
 
 
 def _levels(nets_state: dict[str, torch.Tensor]) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 
 from engine.config import GenerateConfig
 from engine.errors import EngineError, GenerationError
+from engine.generators import check_request
 from engine.lock import PoolLock
 from engine.manifest import (
     add_shard,
@@ -58,6 +59,7 @@ def generate(cfg: GenerateConfig, context: dict[str, Any] | None = None) -> dict
     existing = load_manifest(cfg.out)
     if existing is not None:
         check_same_config(existing, cfg, cfg.out)
+    check_request(cfg, context)
 
     t0 = time.perf_counter()
     if is_local(cfg.out):

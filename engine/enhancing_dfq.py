@@ -289,6 +289,19 @@ class EnhancingDFQGenerator:
     """The registry's factory: a worker's sampler of the trained generator (`edfq_state` context)."""
 
     @classmethod
+    def check(cls, cfg: GenerateConfig, classifier: Classifier | None = None, **_: Any) -> None:
+        """Before anything is written: k against the class count, the feature layers and head exist."""
+        if classifier is None:
+            raise EngineError(
+                "enhancing-dfq needs the classifier (the `classifier` context) from the CLI layer"
+            )
+        if not 1 <= cfg.k <= classifier.num_classes:
+            raise EngineError(f"k (classes per sample) must be in [1, {classifier.num_classes}], got {cfg.k}")
+        model = classifier.factory()
+        feature_layers(model, cfg.generator_settings(EnhancingDFQSettings).layer_names())
+        head_layer(model)
+
+    @classmethod
     def prepare(cls, cfg: GenerateConfig, classifier: Classifier | None = None, **_: Any) -> dict[str, Any]:
         """Once per run, in the driver: train (or resume, or reuse) the generator; its bytes go to workers."""
         if classifier is None:

@@ -4,7 +4,8 @@ A generator is a module with a settings class (a `GeneratorSettings` dataclass i
 no torch, so the CLI can list its options cheaply) and a factory `factory(cfg, **context)` that
 returns an object with `generate(indices) -> [(RGB PIL image, per-sample record)]` and, optionally,
 a classmethod `prepare(cfg) -> dict` that the driver runs once per run and hands to every worker as
-`context`. Adding a generator is one entry here (or `register_generator` at run time).
+`context`, and a classmethod `check(cfg)` that refuses a bad request before anything is written
+(both receive the parts of the caller's context their signatures name). Adding a generator is one entry here (or `register_generator` at run time).
 """
 
 from __future__ import annotations
@@ -91,12 +92,23 @@ def build_generator(cfg: GenerateConfig, target: str | None = None, **context: A
     return load(target or generator_spec(cfg.generator).factory)(cfg, **context)
 
 
+def _named(fn: Any, context: dict[str, Any] | None) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in (context or {}).items() if k in params and k != "cfg"}
+
+
+def check_request(cfg: GenerateConfig, context: dict[str, Any] | None = None) -> None:
+    """The generator's own check of a request against its context (e.g. the classifier), if it has
+    one: raises EngineError before anything is written."""
+    check = getattr(load(generator_spec(cfg.generator).factory), "check", None)
+    if check is not None:
+        check(cfg, **_named(check, context))
+
+
 def prepare_context(cfg: GenerateConfig, context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the generator's once-per-run preparation (in the driver), if it has one; it receives
     the parts of the caller's `context` its signature names (e.g. enhancing-dfq's `classifier`)."""
     prepare = getattr(load(generator_spec(cfg.generator).factory), "prepare", None)
     if prepare is None:
         return {}
-    params = inspect.signature(prepare).parameters
-    given = {k: v for k, v in (context or {}).items() if k in params and k != "cfg"}
-    return dict(prepare(cfg, **given))
+    return dict(prepare(cfg, **_named(prepare, context)))

@@ -182,6 +182,8 @@ def test_pool_is_valid_deterministic_and_resumes(ray_local, tmp_path: Path) -> N
         (("--edfq-warmup", "9"), "warmup (9) must be shorter"),
         (("--pairing", "similar"), "pairing 'similar' is not offered"),
         (("--edfq-lr", "0"), "expected a finite number > 0"),
+        (("--edfq-layers", "nope"), "no module 'nope'"),
+        (("--k", "11"), "k=11 is more than the 10 classes"),
     ],
 )
 def test_bad_settings_one_line_exit_2(extra, words, tmp_path: Path, capsys) -> None:

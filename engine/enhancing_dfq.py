@@ -201,6 +201,7 @@ class Trainer:
         return self._run(stop_after)
 
     def _run(self, stop_after: int | None) -> bytes:
+        remove_stale_temps(self.url)
         saved = read_bytes(self.url)
         if saved is not None:
             self.load(torch.load(io.BytesIO(saved), map_location=self.device, weights_only=True))
@@ -393,6 +394,18 @@ def read_bytes(url: str) -> bytes | None:
 
     fs, path = fsspec.core.url_to_fs(url)
     return fs.cat_file(path) if fs.exists(path) else None
+
+
+def remove_stale_temps(url: str) -> None:
+    """Delete the temp files a killed checkpoint write left (local outputs; the lock is held)."""
+    if not is_local(url):
+        return
+    path = local_path(url)
+    folder, stem = os.path.dirname(path), os.path.basename(path) + ".tmp-"
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(stem):
+                os.remove(os.path.join(folder, name))
 
 
 def write_atomic(url: str, data: bytes) -> None:

@@ -108,7 +108,10 @@ def test_resumed_training_ends_with_the_same_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         Trainer(killed, clf).run(stop_after=4)  # dies after iteration 4, its checkpoint is at 3
     assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["iteration"] == 3
+    stale = tmp_path / "b" / (CHECKPOINT + ".tmp-x")  # a write the kill cut short
+    stale.write_bytes(b"partial")
     resumed = Trainer(killed, clf).run()
+    assert not stale.exists()
     assert_same_state(
         torch.load(io.BytesIO(resumed), weights_only=True), torch.load(io.BytesIO(whole), weights_only=True)
     )

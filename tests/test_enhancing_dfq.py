@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -204,4 +203,3 @@ def test_help_lists_the_switches(capsys) -> None:
     for flag in ("--edfq-iterations", "--edfq-label-embed", "--no-edfq-mixer", "--edfq-flow-attention",
                  "--edfq-simloss1", "--edfq-bn-loss"):  # fmt: skip
         assert flag in text
-    assert os.environ.get("RAY_AUTH_MODE") == "disabled"

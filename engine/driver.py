@@ -29,6 +29,7 @@ from typing import Any
 
 from engine.config import GenerateConfig
 from engine.errors import EngineError, GenerationError
+from engine.generators import check_request
 from engine.lock import PoolLock
 from engine.manifest import (
     add_shard,
@@ -58,6 +59,7 @@ def generate(cfg: GenerateConfig, context: dict[str, Any] | None = None) -> dict
     existing = load_manifest(cfg.out)
     if existing is not None:
         check_same_config(existing, cfg, cfg.out)
+    check_request(cfg, context)
 
     t0 = time.perf_counter()
     if is_local(cfg.out):
@@ -162,7 +164,10 @@ def _run_on_ray(
 
     from engine.generators import prepare_context
 
-    context = {**prepare_context(cfg), **extra_context}  # once per run, e.g. the similarity matrix
+    context = {
+        **prepare_context(cfg, extra_context),
+        **extra_context,
+    }  # once per run, e.g. the similarity matrix
     with _ray_session(cfg), _Actors(cfg, context) as actors, _progress_bar(cfg, manifest) as bar:
         n_actors = min(actors.count, len(todo))
         schedule = ShardSchedule(todo, cfg.max_actor_restarts, cfg.fault_shard)

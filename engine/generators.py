@@ -4,12 +4,14 @@ A generator is a module with a settings class (a `GeneratorSettings` dataclass i
 no torch, so the CLI can list its options cheaply) and a factory `factory(cfg, **context)` that
 returns an object with `generate(indices) -> [(RGB PIL image, per-sample record)]` and, optionally,
 a classmethod `prepare(cfg) -> dict` that the driver runs once per run and hands to every worker as
-`context`. Adding a generator is one entry here (or `register_generator` at run time).
+`context`, and a classmethod `check(cfg)` that refuses a bad request before anything is written
+(both receive the parts of the caller's context their signatures name). Adding a generator is one entry here (or `register_generator` at run time).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +42,11 @@ GENERATORS: dict[str, GeneratorSpec] = {
         "engine.bn_distill:from_config",
         "engine.bn_distill_settings:BNDistillSettings",
         "BN-statistics distillation of a classifier (Genie-D, ZeroQ)",
+    ),
+    "enhancing-dfq": GeneratorSpec(
+        "engine.enhancing_dfq:EnhancingDFQGenerator",
+        "engine.enhancing_dfq_settings:EnhancingDFQSettings",
+        "a class-conditional generator trained on the classifier (EnhancingDFQ)",
     ),
 }
 
@@ -85,7 +92,23 @@ def build_generator(cfg: GenerateConfig, target: str | None = None, **context: A
     return load(target or generator_spec(cfg.generator).factory)(cfg, **context)
 
 
-def prepare_context(cfg: GenerateConfig) -> dict[str, Any]:
-    """Run the generator's once-per-run preparation (in the driver), if it has one."""
+def _named(fn: Any, context: dict[str, Any] | None) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in (context or {}).items() if k in params and k != "cfg"}
+
+
+def check_request(cfg: GenerateConfig, context: dict[str, Any] | None = None) -> None:
+    """The generator's own check of a request against its context (e.g. the classifier), if it has
+    one: raises EngineError before anything is written."""
+    check = getattr(load(generator_spec(cfg.generator).factory), "check", None)
+    if check is not None:
+        check(cfg, **_named(check, context))
+
+
+def prepare_context(cfg: GenerateConfig, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the generator's once-per-run preparation (in the driver), if it has one; it receives
+    the parts of the caller's `context` its signature names (e.g. enhancing-dfq's `classifier`)."""
     prepare = getattr(load(generator_spec(cfg.generator).factory), "prepare", None)
-    return dict(prepare(cfg)) if prepare is not None else {}
+    if prepare is None:
+        return {}
+    return dict(prepare(cfg, **_named(prepare, context)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: The shard format version (SHARDS.md), written in every record and manifest.
@@ -34,9 +34,12 @@ def sample_record(
     scheduler: str | None = None,
     guidance: float | None = None,
     rejected: int = 0,
+    soft_label: Mapping[int, float] | None = None,
+    mix_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """The fields of SHARDS.md's per-sample table; a field a generator lacks is None (e.g. scheduler)."""
-    return {
+    """The fields of SHARDS.md's per-sample table; a field a generator lacks is None (e.g. scheduler).
+    The optional fields (`soft_label`, `mix_weights`) appear only when given."""
+    record = {
         "format_version": FORMAT_VERSION,
         "index": index,
         "key": sample_key(index),
@@ -58,3 +61,8 @@ def sample_record(
         "height": height,
         "rejected": rejected,
     }
+    if soft_label is not None:
+        record["soft_label"] = {str(int(c)): float(w) for c, w in soft_label.items()}
+    if mix_weights is not None:
+        record["mix_weights"] = [float(w) for w in mix_weights]
+    return record

@@ -58,3 +58,8 @@ BALANCED = SeedStream(0x6261)
 BN_SAMPLE = SeedStream("bn-distill/sample")
 BN_CLASSES = SeedStream("bn-distill/classes")
 BN_BATCH = SeedStream("bn-distill/batch")
+# enhancing-dfq (engine.enhancing_dfq): the networks' initial weights (key: 0), a training
+# iteration's classes, mixing weights and noise (key: the iteration), and a sample's (key: its index)
+EDFQ_INIT = SeedStream("enhancing-dfq/init")
+EDFQ_TRAIN = SeedStream("enhancing-dfq/train")
+EDFQ_SAMPLE = SeedStream("enhancing-dfq/sample")

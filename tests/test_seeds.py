@@ -35,7 +35,7 @@ def test_streams_reproduce_the_values_pools_were_made_with() -> None:
 
 def test_every_stream_has_its_own_tag() -> None:
     streams = [v for v in vars(seeds).values() if isinstance(v, seeds.SeedStream)]
-    assert len(streams) == 6 and len({s.tag for s in streams}) == len(streams)
+    assert len(streams) == 9 and len({s.tag for s in streams}) == len(streams)
     values = {s.seed(0, 1) for s in streams}
     assert len(values) == len(streams) and all(0 <= v < 2**63 for v in values)
     assert isinstance(seeds.NOISE.rng(0, 1), np.random.Generator)
@@ -43,12 +43,20 @@ def test_every_stream_has_its_own_tag() -> None:
 
 def test_the_record_has_exactly_the_fields_shards_md_lists() -> None:
     section = SHARDS_MD.read_text().split("### Per-sample JSON", 1)[1].split("Readers must ignore", 1)[0]
-    documented = set()
-    for row in re.findall(r"^\| (`[^|]+`) \|", section, flags=re.M):
-        documented.update(re.findall(r"`([a-z_]+)`", row))
+    documented, optional = set(), set()
+    for row, kind in re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|", section, flags=re.M):
+        names = set(re.findall(r"`([a-z_]+)`", row))
+        (optional if "(optional)" in kind else documented).update(names)
     record = sample_record(
         42, generator="g", model="m", prompt="p", class_ids=[3, 1], class_names=["c", "a"], vocab="v", k=2,
         pairing="random", seed=5, run_seed=0, steps=4, width=32, height=32,
     )  # fmt: skip
     assert set(record) == documented
+    extra = sample_record(
+        42, generator="g", model="m", prompt="p", class_ids=[3, 1], class_names=["c", "a"], vocab="v", k=2,
+        pairing="random", seed=5, run_seed=0, steps=4, width=32, height=32, soft_label={3: 0.75, 1: 0.25},
+        mix_weights=[0.75, 0.25],
+    )  # fmt: skip
+    assert set(extra) == documented | optional and optional == {"soft_label", "mix_weights"}
+    assert extra["soft_label"] == {"3": 0.75, "1": 0.25}
     assert record["key"] == "s000000042" and record["format_version"] == 1 and record["class_ids"] == [3, 1]

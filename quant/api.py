@@ -22,7 +22,7 @@ from .cnn import CNNSettings, quantize_cnn, rebuild_cnn
 from .errors import QuantError
 from .methods import CNN, DEFAULT_METHOD, TRANSFORMER, get_method
 from .modules import QuantConv2d, QuantLinear, set_quant_state
-from .quantizers import AdaRoundQuantizer, UniformQuantizer
+from .quantizers import AdaRoundQuantizer, UniformQuantizer, check_calibration
 
 FORMAT = "dfq-quantized/2"
 Settings = Any  # CNNSettings | TransformerSettings
@@ -151,9 +151,7 @@ def quantize(
     the family's defaults. `model_spec` ({"model", "checkpoint", "num_classes"}, as `quant.models.
     load_model` takes them) lets `load` rebuild the float model. `model` itself is not modified.
     """
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or calib.shape[0] == 0:
-        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
-        raise QuantError(f"calibration data must be a non-empty N x C x H x W image tensor, got {shape}")
+    check_calibration(calib)
     family = model_family(model)
     if settings is None or isinstance(settings, str):
         settings = settings_for(family, settings)

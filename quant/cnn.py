@@ -20,7 +20,7 @@ from .blocks import PLACEMENTS, build_quantized_twin
 from .capture import walk_units
 from .errors import QuantError
 from .gptq import unit_start_weights
-from .methods import CNN, DEFAULT_METHOD, get_method
+from .methods import CNN, DEFAULT_METHOD, fill_preset
 from .modules import act_quantizers, set_quant_state, weight_layers
 from .quantizers import check_bits, check_device
 from .reconstruct import ReconResult, ReconSettings, reconstruct_unit
@@ -62,10 +62,7 @@ class CNNSettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        method = get_method(self.method, CNN)
-        for name, value in method.defaults.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
+        fill_preset(self, CNN)
         self.validate()
 
     @property

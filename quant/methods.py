@@ -94,6 +94,14 @@ def get_method(name: str, family: str | None = None) -> Method:
     return method
 
 
+def fill_preset(settings: Any, family: str) -> None:
+    """Set, on a frozen settings dataclass, the fields left `None` to its method's preset values
+    (checking that the method is one of `family`'s)."""
+    for name, value in get_method(settings.method, family).defaults.items():
+        if getattr(settings, name) is None:
+            object.__setattr__(settings, name, value)
+
+
 def methods_help() -> str:
     """One line per method, for the CLI's help."""
     return "; ".join(f"{m.name} ({m.family}): {m.summary}" for m in METHODS.values())

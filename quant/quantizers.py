@@ -45,6 +45,15 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_calibration(calib: object) -> None:
+    """Calibration data must be a non-empty N x C x H x W float tensor (preprocessed images)."""
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or calib.shape[0] == 0:
+        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise QuantError(f"calibration data must be a non-empty N x C x H x W image tensor, got {shape}")
+    if not calib.is_floating_point():
+        raise QuantError("calibration images must be preprocessed float tensors (the model's normalization)")
+
+
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Integer range of a `bits`-bit grid: signed is symmetric-friendly [-2^(b-1), 2^(b-1)-1]."""
     if signed:

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from ..errors import QuantError
-from ..methods import DEFAULT_METHOD, TRANSFORMER, get_method
+from ..methods import DEFAULT_METHOD, TRANSFORMER, fill_preset
 from ..modules import QuantConv2d
-from ..quantizers import check_bits, check_device, grid_from_range
+from ..quantizers import check_bits, check_calibration, check_device, grid_from_range
 from ..reconstruct import ReconResult, ReconSettings
 from .convert import convert_to_quantized, norm_linear_pairs
 from .gptq import gptq_round
@@ -73,10 +73,7 @@ class TransformerSettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        method = get_method(self.method, TRANSFORMER)
-        for name, value in method.defaults.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
+        fill_preset(self, TRANSFORMER)
         if isinstance(self.input_range, list):
             object.__setattr__(self, "input_range", tuple(self.input_range))
         self.validate()
@@ -124,14 +121,6 @@ def _fix_input_grids(qmodel: nn.Module, value_range: tuple[float, float]) -> Non
             quantizer.set_grid(scale, zero_point)
 
 
-def _check_calib(calib: torch.Tensor) -> None:
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or calib.shape[0] == 0:
-        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
-        raise QuantError(f"calibration data must be a non-empty N x C x H x W image tensor, got {shape}")
-    if not calib.is_floating_point():
-        raise QuantError("calibration images must be preprocessed float tensors (the model's normalization)")
-
-
 @torch.no_grad()
 def quantize_transformer(
     model: nn.Module, calib: torch.Tensor, settings: TransformerSettings, progress: bool = False
@@ -139,7 +128,7 @@ def quantize_transformer(
     """A fake-quantized copy of a transformer calibrated on `calib` (the first `calib_size` images;
     reconstruction, if any, reads all), its per-block reconstruction results, and the seconds steps
     1-3 took. `model` itself is not modified."""
-    _check_calib(calib)
+    check_calibration(calib)
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)

@@ -100,7 +100,7 @@ def _swin_pads(block: SwinTransformerBlock) -> bool:
     return h % wh != 0 or w % ww != 0 or bool(getattr(block, "dynamic_mask", False))
 
 
-def norm_linear_pairs(model: nn.Module, include_head: bool = True) -> list[tuple[str, str]]:
+def norm_linear_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """Names of every (LayerNorm, next Linear) pair of a float model whose Linear input can be
     quantized per channel and folded into the LayerNorm. The names are those after
     `convert_to_quantized` (an `nn.MultiheadAttention`'s packed projection: `<attention>.in_proj`)."""
@@ -121,7 +121,7 @@ def norm_linear_pairs(model: nn.Module, include_head: bool = True) -> list[tuple
             pairs.append((m.norm, m.reduction))
         else:
             pairs.extend(_torch_pairs(m))
-    head = _head_pair(model) if include_head else None
+    head = _head_pair(model)
     if head is not None:
         pairs.append(head)
     names = {id(m): name for name, m in model.named_modules()}

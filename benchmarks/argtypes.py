@@ -33,6 +33,10 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")  # also nan
 
 
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a finite number > 0")  # also nan
+
+
 def area_fraction(text: str) -> float:
     """A fraction of an image's area in [0, 1), e.g. `0.5`."""
     return _number(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")  # also rejects nan

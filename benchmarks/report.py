@@ -21,8 +21,10 @@ ROW_FIELDS = (
     "model", "dataset", "wbits", "abits", "calib", "method", "top1", "top5", "fp_top1",
     "n_calib", "n_eval", "iters", "seconds", "device", "date",
 )  # fmt: skip
-CALIB_SOURCES = ("real", "noise", "sd-mixup", "sd-single", "bn-distill", "none")
-METHODS = ("fp32", "rtn", "brecq", "qdrop", "genie-m", "repq-vit")
+CALIB_SOURCES = ("real", "noise", "sd-mixup", "sd-single", "bn-distill", "enhancing-dfq", "none")
+METHODS = ("fp32", "rtn", "brecq", "qdrop", "genie-m", "repq-vit", "kd", "nipq")
+#: the methods that train on the images (`quant.distill`); their rows carry the training options
+DISTILL_METHODS = ("kd", "nipq")
 KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_calib")
 
 
@@ -39,6 +41,23 @@ def row_key(row: dict) -> tuple:
         input_grid(row),
         head_rotation(row),
         calib_images(row),
+        distill_options(row),
+    )
+
+
+def distill_options(row: dict) -> tuple | None:
+    """A kd/nipq row's training options that change the result: where it started (and the start's
+    reconstruction budget), the batch, the weight rate, SymReg, SatNL and the flip/crop draws."""
+    if row.get("method") not in DISTILL_METHODS:
+        return None
+    return (
+        row.get("init") or "rtn",
+        row.get("init_iters") or 0,
+        row.get("batch_size"),
+        row.get("lr"),
+        row.get("symreg") or 0.0,
+        bool(row.get("satnl")),
+        row.get("flip_crop", True),
     )
 
 
@@ -97,6 +116,10 @@ def method_label(row: dict) -> str:
         label += f"+genie-m (grids on {calib_images(row)})"
     label += " (preprocess input)" if input_grid(row) == "preprocess" else ""
     label = f"{label} (layer-input)" if placement(row) == "layer-input" else label
+    if row["method"] in DISTILL_METHODS:
+        label += "+symreg" if row.get("symreg") else ""
+        label += "+satnl" if row.get("satnl") else ""
+        label += f" (from {row.get('init') or 'rtn'})"
     return f"{label} seed {row['seed']}" if row.get("seed") else label
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.argtypes import area_fraction, nonnegative_float, nonnegative_int, positive_int, seed_list
+from benchmarks.argtypes import (
+    area_fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_list,
+)
 
 
 def bits(text: str) -> int:
@@ -18,4 +25,12 @@ def bits(text: str) -> int:
     return value
 
 
-__all__ = ["area_fraction", "bits", "nonnegative_float", "nonnegative_int", "positive_int", "seed_list"]
+__all__ = [
+    "area_fraction",
+    "bits",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+    "seed_list",
+]

@@ -1,8 +1,9 @@
 """`dfq quantize`: calibrate a model on a pool (or real images, or noise), evaluate it, save it.
 
 A thin layer over `quant`: load_model -> load_calibration -> quant.quantize -> evaluate -> save.
-Everything that can be checked is checked before the first image is read (bits, method, paths,
-model spec, settings), so a mistake costs a one-line error, not a half-run.
+The distill methods (`kd`, `nipq`) train on the images instead, streamed (`quant.data.
+training_images`). Everything that can be checked is checked before the first image is read (bits,
+method, paths, model spec, settings), so a mistake costs a one-line error, not a half-run.
 """
 
 from __future__ import annotations
@@ -13,16 +14,32 @@ import json
 import time
 from pathlib import Path
 
-from launch.argtypes import area_fraction, bits, nonnegative_int, positive_int
+from launch.argtypes import (
+    area_fraction,
+    bits,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
-#: flags that set a setting of one path only: (flag, settings field, family)
+_CNN, _VIT, _DISTILL = "cnn", "transformer", "distill"
+#: flags that set a setting of some paths only, for some model families:
+#: (flag, settings field, paths (`quant.methods`), model families)
 _PATH_FLAGS = (
-    ("--placement", "placement", "cnn"),
-    ("--equalize", "equalize", "cnn"),
-    ("--gptq-start", "gptq_start", "cnn"),
-    ("--batch-size", "batch_size", "cnn"),
-    ("--calib-size", "calib_size", "transformer"),
-    ("--input-grid", None, "transformer"),
+    ("--placement", "placement", (_CNN, _DISTILL), (_CNN,)),
+    ("--equalize", "equalize", (_CNN,), (_CNN,)),
+    ("--gptq-start", "gptq_start", (_CNN,), (_CNN,)),
+    ("--batch-size", "batch_size", (_CNN, _DISTILL), (_CNN, _VIT)),
+    ("--calib-size", "calib_size", (_VIT, _DISTILL), (_VIT,)),
+    ("--input-grid", None, (_VIT, _DISTILL), (_VIT,)),
+    ("--steps", "steps", (_DISTILL,), (_CNN, _VIT)),
+    ("--epochs", "epochs", (_DISTILL,), (_CNN, _VIT)),
+    ("--lr", "lr", (_DISTILL,), (_CNN, _VIT)),
+    ("--symreg", "symreg", (_DISTILL,), (_CNN, _VIT)),
+    ("--satnl", "satnl", (_DISTILL,), (_CNN, _VIT)),
+    ("--init", "init", (_DISTILL,), (_CNN, _VIT)),
+    ("--flip-crop", "flip_crop", (_DISTILL,), (_CNN, _VIT)),
 )
 
 
@@ -114,7 +131,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "the input range the model's normalization allows (default auto: preprocess for pools and "
         "noise, which may not span it, calibrated for real images)",
     )
-    p.add_argument("--batch-size", type=positive_int, help="CNNs: reconstruction batch (default 32)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="CNNs: reconstruction batch (default 32); kd/nipq: training batch (default 64)",
+    )
+    t = p.add_argument_group("distill methods (kd, nipq): training on the images against the float model")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=positive_int, help="training batches (default 2000)")
+    budget.add_argument(
+        "--epochs", type=positive_float, help="training passes over the --n-calib images, instead of --steps"
+    )
+    t.add_argument("--lr", type=positive_float, help="Adam rate of the weights (default: the method's, 1e-5)")
+    t.add_argument(
+        "--symreg", type=nonnegative_float, help="SymReg weight-symmetry regularizer weight (default 0)"
+    )
+    t.add_argument(
+        "--satnl",
+        action="store_true",
+        default=None,
+        help="saturating nonlinearities (learned clamp) in place of ReLU/GELU",
+    )
+    t.add_argument(
+        "--init",
+        choices=["rtn", "minmax", "genie-m", "repq-vit"],
+        help="where training starts: rtn (default), minmax (CNNs), repq-vit (transformers), or genie-m "
+        "(block reconstruction first, --iters a block, default 2000)",
+    )
+    t.add_argument(
+        "--flip-crop",
+        action=argparse.BooleanOptionalAction,
+        help="a new random flip and shift of each image every time it is drawn (default on)",
+    )
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
     p.add_argument("--eval-batch-size", type=positive_int, default=256)
     p.add_argument("--out", required=True, help="output directory (quantized.pt, result.json)")
@@ -150,25 +198,60 @@ def _check_out(out: Path) -> None:
         raise QuantError(f"cannot create output directory {out}: {parent} is not writable")
 
 
-def _settings(args: argparse.Namespace, family: str, input_range: tuple[float, float] | None):
-    """The path's settings from the flags; a flag of the other path is refused in one line."""
-    from quant import settings_for
-    from quant.errors import QuantError
+def method_path(method: str | None, family: str) -> str:
+    """The path (`quant.methods`) a `--method` runs on for a model of `family`."""
+    from quant.methods import DEFAULT_METHOD, get_method
 
+    return get_method(method or DEFAULT_METHOD[family], family).family
+
+
+def _refuse_other_paths(args: argparse.Namespace, family: str, path: str) -> dict:
+    """The path-specific settings the flags give; a flag of another path or model family is refused
+    in one line."""
+    from quant.errors import QuantError
+    from quant.methods import DEFAULT_METHOD, METHODS
+
+    method = args.method or DEFAULT_METHOD[family]
     values: dict = {}
-    for flag, field, flag_family in _PATH_FLAGS:
+    for flag, field, paths, families in _PATH_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
-        if flag_family != family:
-            raise QuantError(f"{flag} applies to {flag_family}s; {args.model} is a {family}")
+        if family not in families:
+            raise QuantError(
+                f"{flag} applies to {' and '.join(f + 's' for f in families)}; {args.model} is a {family}"
+            )
+        if path not in paths:
+            names = ", ".join(
+                n for n, m in METHODS.items() if m.family in paths and family in m.model_families
+            )
+            raise QuantError(f"{flag} applies to the {' and '.join(paths)} methods ({names}), not {method}")
         if field is not None:
             values[field] = value
+    if path == _DISTILL:
+        if args.augment != 1:
+            raise QuantError(
+                f"--augment {args.augment} makes fixed copies for reconstruction; {method} draws a new "
+                "flip and shift of each image every step (--flip-crop)"
+            )
+        if args.iters is not None and values.get("init") != "genie-m":
+            raise QuantError(
+                f"--iters {args.iters} sets the reconstruction of --init genie-m; train with --steps"
+            )
+    return values
+
+
+def _settings(args: argparse.Namespace, family: str, input_range: tuple[float, float] | None):
+    """The path's settings from the flags; a flag of another path is refused in one line."""
+    from quant import settings_for
+
+    path = method_path(args.method, family)
+    values = _refuse_other_paths(args, family, path)
     if family == "transformer" and input_range is not None:
         values["input_range"] = input_range
     if args.iters is not None:
-        values["iters"] = args.iters
-    return settings_for(
+        values["init_iters" if path == _DISTILL else "iters"] = args.iters
+    settings = settings_for(
         family,
         args.method,
         wbits=args.wbits,
@@ -178,6 +261,9 @@ def _settings(args: argparse.Namespace, family: str, input_range: tuple[float, f
         device=args.device,
         **values,
     )
+    if path == _DISTILL:
+        settings.check_family(family)
+    return settings
 
 
 def _method_label(settings) -> str:
@@ -186,6 +272,22 @@ def _method_label(settings) -> str:
         return settings.method
     label = "repq-vit" + ("+rot" if settings.rotate_heads else "")
     return label + ("+genie-m" if settings.iters else "+gptq" if settings.gptq else "")
+
+
+def _distill_fields(settings, n_calib: int) -> dict:
+    """A distill run's own result fields (its `iters` is the training steps)."""
+    steps = settings.resolved_steps(n_calib)
+    return {
+        "steps": steps,
+        "epochs": round(steps * settings.batch_size / n_calib, 2),  # passes over the training images
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "init": settings.init,
+        "init_iters": settings.init_iters if settings.init == "genie-m" else 0,
+        "symreg": settings.symreg,
+        "satnl": settings.satnl,
+        "flip_crop": settings.flip_crop,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         noise_calibration,
         open_dataset,
         source_kind,
+        training_images,
     )
     from quant.errors import QuantError
     from quant.evaluate import evaluate
@@ -226,13 +329,17 @@ def run(args: argparse.Namespace) -> int:
     transform = build_transform(data_config)
     progress = not args.no_progress
 
+    distill = method_path(args.method, family) == _DISTILL
     start = time.perf_counter()
     if args.calib == "noise":
         calib = noise_calibration(args.n_calib, data_config["input_size"], seed=args.seed)
+    elif distill:  # streamed while training
+        calib = training_images(args.calib, transform, args.n_calib, seed=args.seed)
     else:
         calib = load_calibration(args.calib, transform, args.n_calib, seed=args.seed)
-    n_calib = int(calib.shape[0])
-    calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
+    n_calib = len(calib)
+    if not distill:
+        calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
     spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
     qmodel = quant.quantize(model, calib, settings, model_spec=spec, progress=progress)
     seconds = time.perf_counter() - start
@@ -251,15 +358,17 @@ def run(args: argparse.Namespace) -> int:
         "first_last_bits": args.first_last_bits,
         "method": _method_label(settings),
         "placement": settings.placement if cnn else None,
-        "equalize": settings.equalize if cnn else None,
-        "gptq_start": settings.gptq_start if cnn else None,
+        "equalize": settings.equalize if cnn and not distill else None,
+        "gptq_start": settings.gptq_start if cnn and not distill else None,
         "input_grid": None if cnn else input_grid,
         "calib_images": None if cnn else min(n_calib * args.augment, settings.calib_size),
-        "iters": settings.iters,
+        "iters": settings.resolved_steps(n_calib) if distill else settings.iters,
         "seconds": round(seconds, 2),
         "device": args.device,
         "date": _dt.date.today().isoformat(),
     }
+    if distill:
+        result.update(_distill_fields(settings, n_calib))
     if args.eval:
         data = open_dataset(args.eval, transform)
         fp = evaluate(model, data, batch_size=args.eval_batch_size, device=args.device, progress=progress)

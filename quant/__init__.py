@@ -2,13 +2,15 @@
 
 The front door is `quantize(model, calib, settings=None) -> QuantizedModel` (`quant.api`); `load`
 reads back what `QuantizedModel.save` wrote. Methods are named presets (`METHODS`) of each path's
-settings (`CNNSettings`, `TransformerSettings`). It never imports `engine`: the two share only the
+settings (`CNNSettings`, `TransformerSettings`, and `DistillSettings` for the methods that train a
+quantized copy on the images: `kd`, `nipq`). It never imports `engine`: the two share only the
 shard format (SHARDS.md).
 """
 
 from .api import QuantizedModel, load, method_settings, model_family, quantize, settings_for
 from .cnn import CNNSettings
 from .data import build_transform, load_calibration
+from .distill import DistillSettings
 from .errors import QuantError
 from .methods import METHODS
 from .vit import TransformerSettings
@@ -16,6 +18,7 @@ from .vit import TransformerSettings
 __all__ = [
     "METHODS",
     "CNNSettings",
+    "DistillSettings",
     "QuantError",
     "QuantizedModel",
     "TransformerSettings",

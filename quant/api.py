@@ -1,9 +1,11 @@
 """The quantizer's front door: `quantize(model, calib, settings)` -> `QuantizedModel`, and `load`.
 
 `quantize` dispatches on the model: a network with attention goes to the transformer path
-(`quant.vit`), any other conv/linear network to the CNN path (`quant.cnn`); each path has its own
-settings dataclass, and a method name (`quant.methods`) picks a preset of them. A model neither
-path can take is refused before any work, in one line naming what is unsupported.
+(`quant.vit`), any other conv/linear network to the CNN path (`quant.cnn`), unless the settings
+name a method of the distill path (`quant.distill`: `kd`, `nipq`), which trains a quantized copy of
+either family on the images. Each path has its own settings dataclass, and a method name
+(`quant.methods`) picks a preset of them. A model no path can take is refused before any work, in
+one line naming what is unsupported.
 """
 
 from __future__ import annotations
@@ -17,20 +19,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .cnn import CNNSettings, quantize_cnn, rebuild_cnn
 from .errors import QuantError
-from .methods import CNN, DEFAULT_METHOD, TRANSFORMER, get_method
+from .methods import CNN, DEFAULT_METHOD, DISTILL, METHODS, TRANSFORMER, get_method
 from .modules import QuantConv2d, QuantLinear, set_quant_state
 from .quantizers import AdaRoundQuantizer, UniformQuantizer, check_calibration
 
 FORMAT = "dfq-quantized/2"
-Settings = Any  # CNNSettings | TransformerSettings
+Settings = Any  # CNNSettings | TransformerSettings | DistillSettings
 
 
 @dataclass(frozen=True)
 class Family:
-    """One model family's path: its settings type, how it quantizes, and how it rebuilds a saved tree."""
+    """One path: its settings type, how it quantizes, and how it rebuilds a saved tree."""
 
     settings: type
     quantize: Callable[..., tuple]
@@ -38,16 +41,29 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
+    from .distill import DistillSettings, quantize_distill, rebuild_distill
     from .vit import TransformerSettings, quantize_transformer, rebuild_transformer
 
     def cnn(model: nn.Module, calib: torch.Tensor, s: CNNSettings, progress: bool) -> tuple:
         qmodel, results = quantize_cnn(model, calib, s, progress)
         return qmodel, results, None
 
+    def distill(model: nn.Module, calib: Any, s: Any, progress: bool) -> tuple:
+        return quantize_distill(model, model_family(model), calib, s, progress)
+
+    def rebuild(model: nn.Module, s: Any, input_shape: tuple[int, ...]) -> nn.Module:
+        return rebuild_distill(model, model_family(model), s, input_shape)
+
     return {
         CNN: Family(CNNSettings, cnn, rebuild_cnn),
         TRANSFORMER: Family(TransformerSettings, quantize_transformer, rebuild_transformer),
+        DISTILL: Family(DistillSettings, distill, rebuild),
     }
+
+
+def _paths_for(family: str) -> list[str]:
+    """The paths whose methods take a model of `family`."""
+    return list(dict.fromkeys(m.family for m in METHODS.values() if family in m.model_families))
 
 
 def model_family(model: nn.Module) -> str:
@@ -72,8 +88,7 @@ def model_family(model: nn.Module) -> str:
 def settings_for(family: str, method: str | None = None, **values: Any) -> Settings:
     """Settings of `family`'s path for `method` (None: the family's default) with `values` set."""
     method = method or DEFAULT_METHOD[family]
-    get_method(method, family)
-    cls = _families()[family].settings
+    cls = _families()[get_method(method, family).family].settings
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise QuantError(f"{cls.__name__} has no setting {unknown[0]!r}")
@@ -82,7 +97,7 @@ def settings_for(family: str, method: str | None = None, **values: Any) -> Setti
 
 def method_settings(method: str, **values: Any) -> Settings:
     """The settings a named method (`quant.METHODS`) runs with, `values` overriding its preset."""
-    return settings_for(get_method(method).family, method, **values)
+    return settings_for(get_method(method).model_families[0], method, **values)
 
 
 class QuantizedModel(nn.Module):
@@ -139,42 +154,61 @@ class QuantizedModel(nn.Module):
 
 def quantize(
     model: nn.Module,
-    calib: torch.Tensor,
+    calib: torch.Tensor | Dataset,
     settings: Settings | str | None = None,
     *,
     model_spec: dict | None = None,
     progress: bool = False,
 ) -> QuantizedModel:
-    """Quantize a copy of `model`, calibrated on `calib` (N, C, H, W images, preprocessed).
+    """Quantize a copy of `model`, calibrated on `calib` (N, C, H, W images, preprocessed; the
+    distill methods also take a Dataset of (image, label) pairs, which they stream).
 
-    `settings`: a `CNNSettings` / `TransformerSettings`, a method name (`quant.METHODS`), or None for
-    the family's defaults. `model_spec` ({"model", "checkpoint", "num_classes"}, as `quant.models.
-    load_model` takes them) lets `load` rebuild the float model. `model` itself is not modified.
+    `settings`: a `CNNSettings` / `TransformerSettings` / `DistillSettings`, a method name
+    (`quant.METHODS`), or None for the family's defaults. `model_spec` ({"model", "checkpoint",
+    "num_classes"}, as `quant.models.load_model` takes them) lets `load` rebuild the float model.
+    `model` itself is not modified.
     """
-    check_calibration(calib)
+    if isinstance(calib, torch.Tensor) or not isinstance(calib, Dataset):
+        check_calibration(calib)
     family = model_family(model)
     if settings is None or isinstance(settings, str):
         settings = settings_for(family, settings)
-    path = _families()[family]
-    if not isinstance(settings, path.settings):
+    paths = {name: _families()[name] for name in _paths_for(family)}
+    name = next((n for n, p in paths.items() if isinstance(settings, p.settings)), None)
+    if name is None:
+        takes = " or ".join(p.settings.__name__ for p in paths.values())
         raise QuantError(
-            f"a {family} takes {path.settings.__name__}, got {type(settings).__name__} "
+            f"a {family} takes {takes}, got {type(settings).__name__} "
             f"(method {getattr(settings, 'method', '?')!r})"
         )
     settings.validate()
+    get_method(settings.method, family)
+    if not isinstance(calib, torch.Tensor) and name != DISTILL:
+        raise QuantError(
+            f"method {settings.method!r} calibrates on an image tensor, not a {type(calib).__name__}"
+        )
     start = time.perf_counter()
-    qmodel, results, calibration_seconds = path.quantize(model, calib, settings, progress)
+    qmodel, results, calibration_seconds = paths[name].quantize(model, calib, settings, progress)
     return QuantizedModel(
         qmodel,
         settings,
         family,
-        tuple(calib.shape[1:]),
+        _input_shape(calib),
         model_spec,
         history={n: r.loss for n, r in results.items()},
         seconds_per_iter={n: r.seconds_per_iter for n, r in results.items()},
         seconds=time.perf_counter() - start,
         calibration_seconds=calibration_seconds,
     ).eval()
+
+
+def _input_shape(calib: torch.Tensor | Dataset) -> tuple[int, ...]:
+    """The shape of one image of `calib`."""
+    if isinstance(calib, torch.Tensor):
+        return tuple(calib.shape[1:])
+    from .stream import first_images
+
+    return tuple(first_images(calib, 1).shape[1:])
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
@@ -186,7 +220,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
         raise QuantError(f"cannot read {path}: {e}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise QuantError(f"{path}: not a quantized model file ({FORMAT})")
-    family = _families()[blob["family"]]
+    family = _families()[get_method(blob["settings"]["method"]).family]  # the path that made it
     settings = family.settings(**blob["settings"])
     if model is None:
         if not blob["model_spec"]:

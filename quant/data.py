@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -267,6 +267,24 @@ def load_calibration(source: str, transform: Callable, n: int, seed: int = 0) ->
         raise QuantError(f"asked for {n} calibration images but {source} has only {len(dataset)}")
     idx = np.random.default_rng(seed).choice(len(dataset), n, replace=False)
     return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def training_images(source: str, transform: Callable, n: int, seed: int = 0) -> Dataset:
+    """The n images `load_calibration` would stack, as a dataset the distillation methods stream
+    (`quant.stream`): a pool's first n in manifest order, read shard by shard, never all at once;
+    any other source the same seeded draw."""
+    if n < 1:
+        raise QuantError(f"number of training images must be >= 1, got {n}")
+    if source_kind(source) == "pool":
+        dataset = calibration_dataset(source, transform, n)
+    else:
+        dataset = open_dataset(source, transform)
+    if len(dataset) < n:
+        raise QuantError(f"asked for {n} training images but {source} has only {len(dataset)}")
+    if source_kind(source) == "pool":
+        return dataset
+    idx = np.random.default_rng(seed).choice(len(dataset), n, replace=False)
+    return Subset(dataset, [int(i) for i in idx])
 
 
 def noise_calibration(n: int, input_size: int | Sequence[int], seed: int = 0) -> torch.Tensor:

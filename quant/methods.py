@@ -1,9 +1,12 @@
 """The quantization methods, as named presets of a path's settings (one registry for API and CLI).
 
-A method names a model family's path and fills the settings a user left unset (`None`): e.g.
+A method names the path that runs it and fills the settings a user left unset (`None`): e.g.
 `qdrop` is block reconstruction with QDrop's dropping and AdaRound's published regulariser weight,
-`genie-m` adds the learned weight step. A new preset is one entry here; a new algorithm is one
-module plus an entry that points its family at it.
+`genie-m` adds the learned weight step. Two paths are model families' own (`cnn`: block
+reconstruction, `transformer`: RepQ-ViT calibration); the `distill` path (`kd`, `nipq`) trains a
+quantized copy of either family against the float model, so its methods name the model families
+they take. A new preset is one entry here; a new algorithm is one module plus an entry that points
+its path at it.
 """
 
 from __future__ import annotations
@@ -15,16 +18,24 @@ from .errors import QuantError
 
 CNN = "cnn"
 TRANSFORMER = "transformer"
+#: the path that quantizes by training on the pool against the float model (`quant.distill`)
+DISTILL = "distill"
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named preset: the family whose path runs it, one line of help, and its setting values."""
+    """A named preset: the path that runs it (`family`), one line of help, its setting values, and
+    the model families it takes (`models`; empty: the one its path is named for)."""
 
     name: str
     family: str
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+
+    @property
+    def model_families(self) -> tuple[str, ...]:
+        return self.models or (self.family,)
 
 
 def _reconstruction(drop_prob: float, learn_weight_step: bool, round_weight: float) -> dict[str, Any]:
@@ -76,6 +87,36 @@ METHODS: dict[str, Method] = {
             "the transformer default",
             {"iters": 0},
         ),
+        Method(
+            "kd",
+            DISTILL,
+            "EnhancingDFQ/GDFQ fine-tuning: a fake-quantized copy trained on the pool against the float "
+            "model (KL on logits + MSE of every quantized activation, LSQ steps, straight-through weights)",
+            {
+                "lr": 1e-5,
+                "lr_scale": 1e-4,
+                "act_weight": 1.0,
+                "rounding": "ste",
+                "noise": False,
+                "hard_fraction": 0.0,
+            },
+            models=(CNN, TRANSFORMER),
+        ),
+        Method(
+            "nipq",
+            DISTILL,
+            "NIPQ: training with pseudo-quantization noise and learned truncation, then hard quantization "
+            "(the last 10% of the steps) at fixed bit widths; KL to the float model on logits",
+            {
+                "lr": 1e-5,
+                "lr_scale": 1e-4,
+                "act_weight": 0.0,
+                "rounding": "ste",
+                "noise": True,
+                "hard_fraction": 0.1,
+            },
+            models=(CNN, TRANSFORMER),
+        ),
     )
 }
 
@@ -84,24 +125,30 @@ DEFAULT_METHOD = {CNN: "genie-m", TRANSFORMER: "repq-vit"}
 
 
 def get_method(name: str, family: str | None = None) -> Method:
-    """The registered method `name`, checked against `family` when given (one-line error otherwise)."""
+    """The registered method `name`, checked against the model family `family` when given
+    (one-line error otherwise)."""
     method = METHODS.get(name)
     if method is None:
         raise QuantError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-    if family is not None and method.family != family:
-        fitting = ", ".join(n for n, m in METHODS.items() if m.family == family)
-        raise QuantError(f"method {name!r} is for {method.family}s; a {family} takes: {fitting}")
+    if family is not None and family not in method.model_families:
+        fitting = ", ".join(n for n, m in METHODS.items() if family in m.model_families)
+        takes = " and ".join(f"{f}s" for f in method.model_families)
+        raise QuantError(f"method {name!r} is for {takes}; a {family} takes: {fitting}")
     return method
 
 
-def fill_preset(settings: Any, family: str) -> None:
+def fill_preset(settings: Any, path: str) -> None:
     """Set, on a frozen settings dataclass, the fields left `None` to its method's preset values
-    (checking that the method is one of `family`'s)."""
-    for name, value in get_method(settings.method, family).defaults.items():
+    (checking that the method runs on `path`)."""
+    method = get_method(settings.method)
+    if method.family != path:
+        fitting = ", ".join(n for n, m in METHODS.items() if m.family == path)
+        raise QuantError(f"method {method.name!r} does not run on the {path} path; it takes: {fitting}")
+    for name, value in method.defaults.items():
         if getattr(settings, name) is None:
             object.__setattr__(settings, name, value)
 
 
 def methods_help() -> str:
     """One line per method, for the CLI's help."""
-    return "; ".join(f"{m.name} ({m.family}): {m.summary}" for m in METHODS.values())
+    return "; ".join(f"{m.name} ({'/'.join(m.model_families)}): {m.summary}" for m in METHODS.values())

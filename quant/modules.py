@@ -23,6 +23,7 @@ from torch import nn
 
 from .fused import ops as fused_ops
 from .fused import usable as fused_usable
+from .noise import pseudo_quantize
 from .quantizers import AdaRoundQuantizer, UniformQuantizer, fake_quant
 
 # Elements kept when an activation grid is searched: an MSE search over a strided subsample of
@@ -254,6 +255,9 @@ class QuantAct(nn.Module):
             if self.masks is None or self.masks.prob != self.drop_prob:
                 raise RuntimeError("QuantAct.drop_prob > 0 needs a MaskPool of that probability in .masks")
             keep = self.masks.draw(x)
+        if self.quant.noise:  # NIPQ training: pseudo-quantization noise instead of rounding
+            q = self.quant
+            return pseudo_quantize(F.relu(x) if relu else x, q.scale, q.zero_point, q.qmin, q.qmax)
         lo, hi = self.bounds()
         return lsq_quant(x, self.quant.scale, lo, hi, keep, relu)
 
@@ -340,6 +344,8 @@ class _QuantLayer:
             return self.ada()
         self.calibrate_weight()
         scale, zp = wq.shaped(self.weight)
+        if wq.noise:  # NIPQ training: pseudo-quantization noise instead of rounding
+            return pseudo_quantize(self.weight, scale, zp, wq.qmin, wq.qmax)
         return fake_quant(self.weight, scale, zp, wq.qmin, wq.qmax)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from .errors import QuantError
 from .fused import ops as fused_ops
 from .fused import usable as fused_usable
+from .noise import pseudo_quantize
 
 # AdaRound's rectified sigmoid stretch parameters (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
@@ -147,6 +148,8 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = bits < 32
         self.observing = False
+        #: NIPQ's pseudo-quantization noise instead of rounding (training only, `quant.noise`)
+        self.noise = False
 
     # -- calibration -----------------------------------------------------------------
     @torch.no_grad()
@@ -224,6 +227,8 @@ class UniformQuantizer(nn.Module):
         if self.observing or not bool(self.initialized):
             self.calibrate(x)
         scale, zp = self.shaped(x)
+        if self.noise:
+            return pseudo_quantize(x, scale, zp, self.qmin, self.qmax)
         return fake_quant(x, scale, zp, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:

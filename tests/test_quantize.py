@@ -361,7 +361,7 @@ def test_cli_method_choices_come_from_the_registry(monkeypatch, capsys) -> None:
         main(["quantize", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert set(METHODS) == {"rtn", "brecq", "adaround", "qdrop", "genie-m", "repq-vit"}
+    assert set(METHODS) == {"rtn", "brecq", "adaround", "qdrop", "genie-m", "repq-vit", "kd", "nipq"}
     assert "{" + ",".join(METHODS) + "}" in " ".join(text.split())  # the --method choices, all of them
     # a method registered later is offered too: the CLI builds its choices from the registry
     monkeypatch.setitem(METHODS, "test-preset", Method("test-preset", "cnn", "a test preset", {"iters": 0}))

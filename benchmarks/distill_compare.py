@@ -1,0 +1,192 @@
+"""`dfq bench distill`: quantization by distillation (`kd`, `nipq`) against block reconstruction (`genie-m`).
+
+For a model (default the CIFAR-10 ResNet-20, benchmarks/README.md), each calibration source, bit
+setting, method and seed: quantize on the source's images, evaluate on the fixed splits, and write
+one accuracy.json row per evaluation set (fields as `dfq bench accuracy`'s, benchmarks/README.md,
+plus `seed` and, for kd/nipq, `init`, `init_iters`, `steps`, `epochs`, `batch_size`, `lr`, `symreg`,
+`satnl`, `flip_crop`; a kd/nipq row's `iters` is its training steps). The methods see the same images:
+the source's first `--n-calib` (the real draw, a pool's manifest order), which kd/nipq read as a
+stream of `--batch-size` batches (`quant.stream`).
+
+`--tiny` is the CI form: a random ResNet-20, random tensors, two steps each; rows into a temp dir (or
+`--results`); it checks the machinery, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks import accuracy, report
+from benchmarks.argtypes import nonnegative_float, positive_float, positive_int, seed_list
+from benchmarks.errors import BenchmarkError
+
+METHODS = ("kd", "nipq", "genie-m")
+BITS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W8A8": (8, 8)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--assets",
+        default=None,
+        help="assets folder, laid out as benchmarks/README.md describes (default $DFQ_ASSETS or ../shared/assets)",
+    )
+    p.add_argument("--results", default="benchmarks/results", help="where accuracy.json/.md/.png go")
+    p.add_argument("--model", default="cifar_resnet20", choices=list(accuracy.MODELS))
+    p.add_argument("--bits", default="W4A4,W3A3,W2A4", help=f"comma list of {', '.join(BITS)}")
+    p.add_argument(
+        "--calib",
+        default="real",
+        help="comma list: real, noise, or <source>=<pool dir> (e.g. bn-distill=pool/)",
+    )
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument(
+        "--seeds", type=seed_list, default=[0, 1, 2], help="comma list of run seeds (default 0,1,2)"
+    )
+    p.add_argument("--n-calib", type=positive_int, default=1024, help="images per source (default 1024)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="kd/nipq training batches (default 2000)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="kd/nipq training batch (default 64)")
+    p.add_argument("--lr", type=positive_float, help="kd/nipq weight rate (default: the method's)")
+    p.add_argument(
+        "--init",
+        default="genie-m",
+        choices=["rtn", "minmax", "genie-m"],
+        help="where kd/nipq start (default genie-m: the same reconstruction as the genie-m rows, then training)",
+    )
+    p.add_argument(
+        "--iters",
+        type=positive_int,
+        default=2000,
+        help="genie-m reconstruction iterations a block, for the genie-m rows and --init genie-m (default 2000)",
+    )
+    p.add_argument("--symreg", type=nonnegative_float, default=0.0, help="kd/nipq SymReg weight (default 0)")
+    p.add_argument("--satnl", action="store_true", help="kd/nipq with saturating nonlinearities")
+    p.add_argument("--evals", default="lossless,jpeg", help="cifar10 evaluation sets: lossless, jpeg")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tiny", action="store_true", help="CI form: random ResNet-20, temp results")
+
+
+def _choices(text: str, allowed, what: str) -> list[str]:
+    items = [t for t in text.split(",") if t]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise BenchmarkError(f"--{what}: unknown {bad or text!r}; use a comma list of {', '.join(allowed)}")
+    return items
+
+
+def settings_for(method: str, wbits: int, abits: int, seed: int, args: argparse.Namespace):
+    """The settings of one run: genie-m's reconstruction, or kd/nipq with the run's training options."""
+    import quant
+
+    if method == "genie-m":
+        return quant.CNNSettings(
+            wbits=wbits, abits=abits, method="genie-m", iters=args.iters, seed=seed, device=args.device
+        )
+    values = {"lr": args.lr} if args.lr is not None else {}
+    return quant.method_settings(
+        method, wbits=wbits, abits=abits, steps=args.steps, batch_size=args.batch_size, init=args.init,
+        init_iters=args.iters, symreg=args.symreg, satnl=args.satnl, seed=seed, device=args.device, **values,
+    )  # fmt: skip
+
+
+def row_fields(settings, n_calib: int) -> dict:
+    """accuracy.json fields of a run beyond the scores (benchmarks/README.md)."""
+    if settings.method == "genie-m":
+        return {"iters": settings.iters, "placement": settings.placement, "gptq_start": settings.gptq_start}
+    steps = settings.resolved_steps(n_calib)
+    return {
+        "iters": steps,
+        "steps": steps,
+        "epochs": round(steps * settings.batch_size / n_calib, 2),
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "init": settings.init,
+        "init_iters": settings.init_iters if settings.init == "genie-m" else 0,
+        "symreg": settings.symreg,
+        "satnl": settings.satnl,
+        "flip_crop": settings.flip_crop,
+        "placement": settings.placement,
+    }
+
+
+def run_grid(
+    model_name: str, model, evals: dict, sources: list, bits: list[str], methods: list[str], args
+) -> list[dict]:
+    """Quantize and evaluate every (source, bits, method, seed); rows written after each run."""
+    fp = accuracy.fp_scores(model, evals)
+    rows = accuracy.fp_rows(model_name, fp)
+    report.write_accuracy(Path(args.results), rows)
+    for label, calib in sources:
+        n = int(calib.shape[0])
+        for name in bits:
+            wbits, abits = BITS[name]
+            for method in methods:
+                for seed in args.seeds:
+                    settings = settings_for(method, wbits, abits, seed, args)
+                    seconds, scores, _ = accuracy.quantize_and_evaluate(
+                        model, calib, settings, evals, progress=not args.tiny
+                    )
+                    new = accuracy.rows_for(
+                        model_name, fp, scores, wbits=wbits, abits=abits, calib=label, method=method,
+                        n_calib=n, seconds=round(seconds, 1), seed=seed, **row_fields(settings, n),
+                    )  # fmt: skip
+                    rows += new
+                    report.write_accuracy(Path(args.results), rows)
+                    for r in new:
+                        print(
+                            f"{model_name} {name} {label} {method} seed {seed}: {r['dataset']} "
+                            f"{r['top1']:.2f} ({r['fp_top1']:.2f} fp) {seconds:.0f}s"
+                        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    bits = _choices(args.bits, BITS, "bits")
+    methods = _choices(args.methods, METHODS, "methods")
+    if args.tiny:
+        return _run_tiny(args, bits[:1], methods)
+    from benchmarks.splits import assets_dir
+    from quant.data import build_transform
+    from quant.models import load_model
+
+    assets = assets_dir(args.assets or os.environ.get("DFQ_ASSETS") or "../shared/assets")
+    ckpt, family = accuracy.MODELS[args.model]
+    model, data_config = load_model(args.model, checkpoint=str(assets / ckpt))
+    transform = build_transform(data_config)
+    evals = accuracy.eval_sets(family, assets, data_config, transform, args.evals.split(","))
+    sources = [
+        accuracy.calibration(kind, family, assets, data_config, transform, args.n_calib, 0)
+        for kind in args.calib.split(",")
+    ]
+    run_grid(args.model, model, evals, sources, bits, methods, args)
+    print(Path(args.results) / "accuracy.md")
+    return 0
+
+
+def _run_tiny(args: argparse.Namespace, bits: list[str], methods: list[str]) -> int:
+    """CI form: random ResNet-20, 16 random images, 2 steps / iterations, one seed."""
+    model, _ = accuracy.tiny_resnet20()
+    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    args.steps, args.iters, args.batch_size, args.seeds = 2, 2, 8, args.seeds[:1]
+    if args.results == "benchmarks/results":
+        args.results = tempfile.mkdtemp(prefix="dfq-distill-")
+    run_grid(
+        "cifar_resnet20-random", model, {"random-32": (images[:32], labels[:32])}, [("noise", images[32:])],
+        bits, methods, args,
+    )  # fmt: skip
+    print(Path(args.results) / "accuracy.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""NIPQ's pseudo-quantization: a differentiable stand-in for a uniform fake-quantizer during training.
+
+NIPQ (Shin et al., CVPR 2023, arXiv 2206.00820) trains with pseudo-quantization noise instead of
+rounding: inside the grid's range a tensor passes with additive noise whose distribution is that of
+its own rounding errors (a histogram of round(t) - t over the in-range elements, in grid steps,
+sampled bin by bin plus a uniform offset within the bin), and outside it is truncated to the range's
+ends. Unlike straight-through rounding, every gradient is the true one of the function computed:
+identity to the input inside the range, zero outside; the step receives `noise` inside the range
+and the range's end outside (the truncation bound is `step * (qmax - zero_point)`, so learning the
+step learns the truncation too, as NIPQ's single `alpha` does). After training the same grid
+quantizes hard (`quant.modules` / `quant.quantizers` switch back when `noise` is off).
+
+Not implemented: NIPQ's bit-width search (a learned, sigmoid-coded bit width per layer with an
+average-bit target); the bit widths here are fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: bins of the rounding-error histogram (the reference implementation's 256)
+N_BINS = 256
+
+
+@torch.no_grad()
+def rounding_noise(t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Noise shaped like `t`, in grid steps, drawn from the histogram of `round(t) - t` over the
+    elements where `inside` is true (uniform on [-0.5, 0.5] where there are none)."""
+    errors = (t.round() - t)[inside]
+    u = torch.rand(t.numel(), device=t.device, dtype=t.dtype)
+    if errors.numel() == 0:
+        return (u - 0.5).view_as(t)
+    hist = torch.histc(errors.float(), bins=N_BINS, min=-0.5, max=0.5)
+    cdf = hist.cumsum(0)
+    cdf = cdf / cdf[-1]
+    bins = torch.searchsorted(cdf, torch.rand(t.numel(), device=t.device), right=True)
+    bins = bins.clamp_(max=N_BINS - 1).to(t.dtype)
+    return ((bins + u) / N_BINS - 0.5).view_as(t)
+
+
+def pseudo_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """`x` truncated to the grid `scale * ([qmin, qmax] - zero_point)`, with rounding-error noise of
+    one step's width added inside it (NIPQ). `scale` and `zero_point` broadcast against `x`."""
+    t = x / scale + zero_point
+    below, above = t <= qmin, t >= qmax
+    noise = rounding_noise(t.detach(), ~(below | above))
+    low = (qmin - zero_point) * scale
+    high = (qmax - zero_point) * scale
+    return torch.where(below, low, torch.where(above, high, x + noise * scale))

@@ -176,7 +176,8 @@ def quantize(
     paths = {name: _families()[name] for name in _paths_for(family)}
     name = next((n for n, p in paths.items() if isinstance(settings, p.settings)), None)
     if name is None:
-        takes = " or ".join(p.settings.__name__ for p in paths.values())
+        takes = " or ".join(p.settings.__name__ for n, p in paths.items() if n != family)
+        takes += (" or " if takes else "") + paths[family].settings.__name__  # the family's own last
         raise QuantError(
             f"a {family} takes {takes}, got {type(settings).__name__} "
             f"(method {getattr(settings, 'method', '?')!r})"

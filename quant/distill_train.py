@@ -139,8 +139,11 @@ def train_student(
                 history["total"][i] = loss.detach()
                 history["kl"][i] = kl.detach()
                 if bar is not None and (i % 20 == 0 or i == plan.steps - 1):
+                    shown = {"loss": float(loss), "kl": float(kl)}
+                    if taps_s is not None:
+                        shown["act"] = float(history["act"][i])
                     bar.set_postfix(
-                        loss=f"{float(loss):.4f}", kl=f"{float(kl):.4f}", epoch=f"{stream.epochs:.1f}"
+                        {k: f"{v:.4g}" for k, v in shown.items()} | {"epoch": f"{stream.epochs:.1f}"}
                     )
     finally:
         for t in (taps_s, taps_t):

@@ -8,11 +8,15 @@ activation that the float path already clamps carries no outliers that a low-bit
 cover or clip abruptly (the paper's "range clamping"), and the clamp adapts together with the
 following quantizer's range. It replaces `nn.ReLU`, `nn.ReLU6` and `nn.LeakyReLU` modules (their
 negative side is kept) and, in transformers, `nn.GELU`; functional activations in a model's own
-`forward` (`F.relu(...)`) are left as they are. Each bound starts at the largest output its
-nonlinearity gives on the calibration images (`observe`), so the swap alone changes nothing there.
+`forward` (`F.relu(...)`) are left as they are. Each bound starts at the 99.9th percentile of its
+nonlinearity's outputs on the calibration images (`observe`): the swap clamps only their top
+thousandth, and the bound has a gradient from the first step (one started at the maximum would
+never see an output above it, so it would neither clamp nor learn).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -21,6 +25,8 @@ from .fold import set_submodule
 
 #: the nonlinearities SatNL replaces
 SATURATED = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU)
+#: where a bound starts: this quantile of its nonlinearity's outputs on the calibration images
+START_QUANTILE = 0.999
 
 
 class Saturating(nn.Module):
@@ -38,8 +44,7 @@ class Saturating(nn.Module):
         y = self.inner(x)
         if self.observing:
             with torch.no_grad():
-                top = y.detach().amax()
-                self.bound.copy_(top if not torch.isfinite(self.bound) else torch.maximum(self.bound, top))
+                self.bound.fill_(upper_quantile(y, START_QUANTILE))
             return y
         return torch.minimum(y, self.bound)
 
@@ -61,17 +66,22 @@ def saturate(model: nn.Module) -> list[Saturating]:
     return made
 
 
+def upper_quantile(t: torch.Tensor, q: float) -> float:
+    """The `q` quantile (q near 1) of `t`'s elements, from its top (1 - q) share alone."""
+    flat = t.detach().flatten().float()
+    k = max(1, math.ceil((1.0 - q) * flat.numel()))
+    return float(flat.topk(k).values[-1])
+
+
 @torch.no_grad()
-def observe(model: nn.Module, images: torch.Tensor, batch: int = 128) -> None:
-    """Set every `Saturating` bound under `model` to the largest output its nonlinearity gives on
-    `images` (as `model` computes them now)."""
+def observe(model: nn.Module, images: torch.Tensor) -> None:
+    """Set every `Saturating` bound under `model` to the `START_QUANTILE` of its nonlinearity's
+    outputs over `images` (one batch, as `model` computes it now)."""
     units = [m for m in model.modules() if isinstance(m, Saturating)]
     for m in units:
-        m.bound.fill_(float("inf"))
         m.observing = True
     try:
-        for i in range(0, images.shape[0], batch):
-            model(images[i : i + batch])
+        model(images)
     finally:
         for m in units:
             m.observing = False

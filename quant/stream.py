@@ -76,6 +76,8 @@ class ImageStream:
         if isinstance(source, IterableDataset) and 0 < self.size <= buffer:
             source = first_images(source, self.size)  # small: decoded once, not every epoch
             self.size = len(source)
+        if self.size == 0 and not isinstance(source, IterableDataset):
+            raise QuantError("the training images are empty")
         self.source, self.batch_size, self.flip_crop = source, batch_size, flip_crop
         self.drawn = 0
         self.generator = torch.Generator().manual_seed(seed)

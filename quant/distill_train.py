@@ -139,7 +139,7 @@ def train_student(
                 history["total"][i] = loss.detach()
                 history["kl"][i] = kl.detach()
                 if bar is not None and (i % 20 == 0 or i == plan.steps - 1):
-                    shown = {"loss": float(loss), "kl": float(kl)}
+                    shown = {"loss": float(loss.detach()), "kl": float(kl.detach())}
                     if taps_s is not None:
                         shown["act"] = float(history["act"][i])
                     bar.set_postfix(

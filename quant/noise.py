@@ -20,22 +20,35 @@ import torch
 
 #: bins of the rounding-error histogram (the reference implementation's 256)
 N_BINS = 256
+#: rounding errors the histogram is estimated from (a strided subsample of larger tensors)
+HIST_SAMPLES = 1 << 16
+#: resolution of the inverse-CDF table that maps a uniform draw to a bin
+TABLE = 1 << 14
 
 
 @torch.no_grad()
 def rounding_noise(t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """Noise shaped like `t`, in grid steps, drawn from the histogram of `round(t) - t` over the
-    elements where `inside` is true (uniform on [-0.5, 0.5] where there are none)."""
-    errors = (t.round() - t)[inside]
-    u = torch.rand(t.numel(), device=t.device, dtype=t.dtype)
+    elements where `inside` is true (uniform on [-0.5, 0.5] where there are none).
+
+    One uniform u per element: its cell of a `TABLE`-cell inverse-CDF table gives the bin, its
+    position within the cell the offset within the bin (a cell lies inside one bin, where the
+    offset is uniform and independent of the cell). Bins of probability below 1 / TABLE are
+    rounded in or out of the table; `searchsorted` per element, exact, cost ten times the rest."""
+    u = torch.rand(t.shape, device=t.device, dtype=t.dtype)
+    stride = max(1, t.numel() // HIST_SAMPLES)
+    sample, keep = t.flatten()[::stride], inside.flatten()[::stride]
+    errors = (sample.round() - sample)[keep]
     if errors.numel() == 0:
-        return (u - 0.5).view_as(t)
+        return u.sub_(0.5)
     hist = torch.histc(errors.float(), bins=N_BINS, min=-0.5, max=0.5)
-    cdf = hist.cumsum(0)
-    cdf = cdf / cdf[-1]
-    bins = torch.searchsorted(cdf, torch.rand(t.numel(), device=t.device), right=True)
-    bins = bins.clamp_(max=N_BINS - 1).to(t.dtype)
-    return ((bins + u) / N_BINS - 0.5).view_as(t)
+    cdf = hist.cumsum(0) / hist.sum()
+    centers = (torch.arange(TABLE, device=t.device, dtype=cdf.dtype) + 0.5) / TABLE
+    table = torch.searchsorted(cdf, centers, right=True).clamp_(max=N_BINS - 1).to(t.dtype)
+    scaled = u.mul_(TABLE)
+    cell = scaled.floor()
+    bins = table[cell.long().clamp_(max=TABLE - 1)]
+    return bins.add_(scaled.sub_(cell)).div_(N_BINS).sub_(0.5)
 
 
 def pseudo_quantize(

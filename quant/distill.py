@@ -69,7 +69,7 @@ class DistillSettings:
     batch_size: int = 64
     #: Adam rate of the float parameters (weights, biases, norms), cosine-annealed to 0
     lr: float | None = None
-    #: Adam rate of the weight and activation steps (LSQ) and the SatNL bounds
+    #: relative Adam rate (in log space) of the weight and activation steps (LSQ) and the SatNL bounds
     lr_scale: float | None = None
     #: Adam rate of the rounding variables with `rounding="adaround"`
     lr_round: float = 1e-3

@@ -6,9 +6,10 @@ gradients and the student with them, and minimises
     kl_weight * KL(fp || q) + act_weight * SimLoss2 + symreg * SymReg
         (+ round_weight * AdaRound's regulariser, with learned rounding, after a 20% warm-up)
 
-with Adam over three groups: the float parameters (weights, biases, norms, embeddings: `lr`; with
-learned rounding the rounding variables take `lr_round` and the weights stay), and the quantizer
-steps with the SatNL bounds (`lr_scale`); every rate follows a cosine to 0 over the steps. With
+with Adam over the float parameters (weights, biases, norms, embeddings: `lr`; with learned
+rounding the rounding variables take `lr_round` and the weights stay), and Adam in log space over
+the quantizer steps and the SatNL bounds (`lr_scale`, a relative rate: `LogAdam`); every rate
+follows a cosine to 0 over the steps. With
 `noise_steps` > 0 the first that many steps run with NIPQ's pseudo-quantization noise in place of
 rounding (`quant.noise`), the rest quantize hard, as NIPQ's final phase does.
 """
@@ -53,25 +54,54 @@ def set_noise(model: nn.Module, on: bool) -> None:
             m.noise = on
 
 
-def _groups(student: nn.Module, plan: TrainPlan) -> tuple[list[dict], list[torch.Tensor], list]:
-    """Adam's parameter groups, the step-like parameters (kept positive), and the learned roundings."""
+class LogAdam:
+    """Adam on the logarithms of positive parameters (quantizer steps, SatNL bounds), written back
+    as their exponentials after each step.
+
+    Why: Adam moves every parameter by about its rate, whatever its size, so one rate suits either
+    the 2-bit steps (tenths) or the 8-bit ones of the first and last layers (thousandths), never
+    both: a rate that trains the former moves the latter by a large fraction of themselves, and the
+    edge layers' grids are lost. In log space every update is a relative change, the same at every
+    bit width, and the parameter stays positive."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        self.params = params
+        self.logs = [p.detach().clamp_min(1e-8).log().requires_grad_(True) for p in params]
+        self.optimizer = torch.optim.Adam(self.logs, lr=lr)
+        self.base = lr
+
+    def step(self, lr_scale: float) -> None:
+        for p, u in zip(self.params, self.logs, strict=True):
+            u.grad = None if p.grad is None else p.grad * p.detach()  # d/d log p = p d/dp
+        self.optimizer.param_groups[0]["lr"] = self.base * lr_scale
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, u in zip(self.params, self.logs, strict=True):
+                p.copy_(u.exp())
+
+
+def _optimizers(student: nn.Module, plan: TrainPlan) -> tuple[torch.optim.Adam | None, LogAdam | None, list]:
+    """Adam over the float parameters and the rounding variables, `LogAdam` over the steps and
+    bounds, and the learned roundings."""
     roundings = [m for m in student.modules() if isinstance(m, AdaRoundQuantizer)]
-    scales = [m.scale for m in student.modules() if isinstance(m, (UniformQuantizer, AdaRoundQuantizer))]
-    scales = [p for p in scales if isinstance(p, nn.Parameter)]
-    bounds = [m.bound for m in student.modules() if isinstance(m, Saturating)]
+    steps = [m.scale for m in student.modules() if isinstance(m, (UniformQuantizer, AdaRoundQuantizer))]
+    steps = [p for p in steps if isinstance(p, nn.Parameter)]
+    steps += [m.bound for m in student.modules() if isinstance(m, Saturating)]
     alphas = [r.alpha for r in roundings]
     frozen = {id(layer.weight) for layer in weight_layers(student) if layer.ada is not None}
-    special = {id(p) for p in scales + bounds + alphas} | frozen
+    special = {id(p) for p in steps + alphas} | frozen
     floats = [p for p in student.parameters() if id(p) not in special]
     student.requires_grad_(False)
-    for p in floats + scales + bounds + alphas:
+    for p in floats + steps + alphas:
         p.requires_grad_(True)
     groups = [
-        {"params": floats, "lr": plan.lr},
-        {"params": scales + bounds, "lr": plan.lr_scale},
-        {"params": alphas, "lr": plan.lr_round},
+        g for g in ({"params": floats, "lr": plan.lr}, {"params": alphas, "lr": plan.lr_round}) if g["params"]
     ]
-    return [g for g in groups if g["params"]], scales, roundings
+    return (
+        torch.optim.Adam(groups) if groups else None,
+        LogAdam(steps, plan.lr_scale) if steps else None,
+        roundings,
+    )
 
 
 def train_student(
@@ -89,9 +119,8 @@ def train_student(
     trainable, the noise is off and learned roundings are hard."""
     teacher.eval().requires_grad_(False)
     student.eval()  # BN is folded; dropout and drop-path stay off as in the teacher
-    groups, scales, roundings = _groups(student, plan)
-    optimizer = torch.optim.Adam(groups)
-    bases = [g["lr"] for g in optimizer.param_groups]
+    optimizer, step_optimizer, roundings = _optimizers(student, plan)
+    bases = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
     layers = [layer for layer in weight_layers(student) if layer.weight_quantizer.enabled]
     use_taps = plan.act_weight > 0 and bool(taps)
     taps_s = ActivationTaps(student, taps) if use_taps else None
@@ -127,15 +156,16 @@ def train_student(
                 if roundings and i >= anneal.warmup * plan.steps:
                     beta = rounding_beta(i, anneal)
                     loss = loss + plan.round_weight * sum(r.round_loss(beta) for r in roundings)
-                optimizer.zero_grad(set_to_none=True)
+                for p in student.parameters():
+                    p.grad = None
                 loss.backward()
                 cosine = 0.5 * (1.0 + math.cos(math.pi * i / plan.steps))
-                for group, base in zip(optimizer.param_groups, bases, strict=True):
-                    group["lr"] = base * cosine
-                optimizer.step()
-                if scales:
-                    with torch.no_grad():  # a step must stay positive
-                        torch._foreach_clamp_min_(scales, 1e-8)
+                if optimizer is not None:
+                    for group, base in zip(optimizer.param_groups, bases, strict=True):
+                        group["lr"] = base * cosine
+                    optimizer.step()
+                if step_optimizer is not None:
+                    step_optimizer.step(cosine)
                 history["total"][i] = loss.detach()
                 history["kl"][i] = kl.detach()
                 if bar is not None and (i % 20 == 0 or i == plan.steps - 1):

@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": "launch.cmd_generate",
     "quantize": "launch.cmd_quantize",
     "inspect": "launch.cmd_inspect",
+    "export": "launch.cmd_export",
     "bench": "launch.cmd_bench",
 }
 

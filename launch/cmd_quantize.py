@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from launch.argtypes import area_fraction, bits, nonnegative_int, positive_int
+from launch.model_flags import add_preprocess_flags, given_flags, preprocess_of
 
 #: flags that set a setting of one path only: (flag, settings field, family)
 _PATH_FLAGS = (
@@ -35,9 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Quantize a model: block reconstruction for CNNs, RepQ-ViT-style calibration for "
         "transformers (chosen from the model). Methods: " + methods_help() + ".",
     )
-    p.add_argument("--model", required=True, help="zoo name, timm name, tv:<name> or module:factory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="zoo name, timm name, tv:<name>, module:factory or path/to/net.py:factory",
+    )
     p.add_argument("--checkpoint", help="state dict to load into the model")
-    p.add_argument("--num-classes", type=positive_int)
+    add_preprocess_flags(p)
     p.add_argument(
         "--calib",
         required=True,
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from quant.errors import QuantError
     from quant.evaluate import evaluate
-    from quant.models import load_model
+    from quant.models import check_forward, load_model, model_spec
     from quant.reader import shard_urls
 
     if args.augment_cutmix > 0 and args.augment == 1:
@@ -218,7 +223,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out)  # created only once there is something to write: a refused run leaves nothing
 
-    model, data_config = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    model, data_config = load_model(
+        args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, preprocess=preprocess_of(args)
+    )
+    check_forward(model, data_config)  # a wrong input size or class count: one line, before any data
     family = quant.model_family(model)
     real_images = not (from_pool or args.calib == "noise")
     input_grid = input_grid_for(args.input_grid or "auto", real_images=real_images)
@@ -233,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         calib = load_calibration(args.calib, transform, args.n_calib, seed=args.seed)
     n_calib = int(calib.shape[0])
     calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
-    spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
+    spec = model_spec(args.model, args.checkpoint, args.num_classes, data_config)
     qmodel = quant.quantize(model, calib, settings, model_spec=spec, progress=progress)
     seconds = time.perf_counter() - start
 
@@ -241,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
     result: dict = {
         "model": args.model,
         "checkpoint": args.checkpoint,
+        "preprocess_flags": given_flags(args),  # --input-size/--mean/--std/--num-classes as given
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "family": family,
         "calib": args.calib,
         "n_calib": n_calib,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,8 +149,9 @@ def quantize(
     """Quantize a copy of `model`, calibrated on `calib` (N, C, H, W images, preprocessed).
 
     `settings`: a `CNNSettings` / `TransformerSettings`, a method name (`quant.METHODS`), or None for
-    the family's defaults. `model_spec` ({"model", "checkpoint", "num_classes"}, as `quant.models.
-    load_model` takes them) lets `load` rebuild the float model. `model` itself is not modified.
+    the family's defaults. `model_spec` ({"model", "checkpoint", "num_classes"} and optionally
+    "preprocess", a data config's preprocessing: what `quant.models.spec_args` turns into
+    `load_model`'s arguments) lets `load` rebuild the float model. `model` itself is not modified.
     """
     check_calibration(calib)
     family = model_family(model)
@@ -182,8 +184,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
     spec (`quant.models.load_model`) unless given as `model` (the same architecture)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise QuantError(f"cannot read {path}: {e}") from None
+    except pickle.UnpicklingError:  # bytes no torch.save wrote (torch's message is about weights_only)
+        raise QuantError(f"cannot read {path}: not a file torch.save wrote") from None
+    except Exception as e:  # a missing file, a truncated archive
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise QuantError(f"cannot read {path}: {type(e).__name__}: {first}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise QuantError(f"{path}: not a quantized model file ({FORMAT})")
     family = _families()[blob["family"]]
@@ -191,12 +196,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
     if model is None:
         if not blob["model_spec"]:
             raise QuantError(f"{path} was saved without a model spec: pass the float model as model=")
-        from .models import load_model
+        from .models import load_model, spec_args
 
-        spec = blob["model_spec"]
-        model, _ = load_model(
-            spec["model"], checkpoint=spec.get("checkpoint"), num_classes=spec.get("num_classes")
-        )
+        model, _ = load_model(**spec_args(blob["model_spec"]))
     input_shape = tuple(blob["input_shape"])
     qmodel = family.rebuild(model, settings, input_shape)
     load_quantized_state(qmodel, blob["state_dict"])

@@ -21,15 +21,15 @@ ROW_FIELDS = (
     "model", "dataset", "wbits", "abits", "calib", "method", "top1", "top5", "fp_top1",
     "n_calib", "n_eval", "iters", "seconds", "device", "date",
 )  # fmt: skip
-CALIB_SOURCES = ("real", "noise", "sd-mixup", "sd-single", "bn-distill", "none")
+CALIB_SOURCES = ("real", "noise", "sd-mixup", "sd-single", "bn-distill", "enhancing-dfq", "none")
 METHODS = ("fp32", "rtn", "brecq", "qdrop", "genie-m", "repq-vit")
 KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_calib")
 
 
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, the run
-    seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid, head rotation
-    and calibration batch size."""
+    seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid, head rotation,
+    calibration batch size, and for generated pools their engine seed, variant and training length."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
@@ -39,6 +39,9 @@ def row_key(row: dict) -> tuple:
         input_grid(row),
         head_rotation(row),
         calib_images(row),
+        row.get("pool_seed"),
+        row.get("variant"),
+        row.get("gen_iterations"),
     )
 
 

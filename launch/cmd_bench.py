@@ -17,6 +17,10 @@ BENCHMARKS = {
         "reconstruction ms/iteration: ours against a Genie-style loop, same run",
     ),
     "vit": ("benchmarks.vit_compare", "side by side with RepQ-ViT on the CIFAR-10 ViT"),
+    "generators": (
+        "benchmarks.generator_compare",
+        "data-free pools of bn-distill and enhancing-dfq, quantized the same way",
+    ),
     "gen": ("benchmarks.gen_throughput", "generation img/s: plain diffusers vs our worker"),
     "scaling": ("benchmarks.gen_scaling", "generation img/s against the number of Ray actors"),
 }

@@ -32,6 +32,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.argtypes import positive_int
+from benchmarks.errors import BenchmarkError
 
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 KEY = ("tool", "calib", "model", "dataset", "wbits", "abits", "n_calib")
@@ -85,7 +86,7 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
     if not sep:
         name, source = text, text
     if not name or not source:
-        raise SystemExit(f"{flag} {text!r}: expected NAME=SOURCE")
+        raise BenchmarkError(f"{flag} {text!r}: expected NAME=SOURCE")
     return name, source
 
 
@@ -110,9 +111,15 @@ def _assets(args: argparse.Namespace) -> Path:
 
 def calibration_sources(args: argparse.Namespace, transform) -> list[tuple[str, object]]:
     """(label, source) per --calib: `real` becomes the first n images of the calibration draw as a tensor."""
+    from quant.data import source_kind
+
     out = []
     for text in args.calib:
         name, source = _pair(text, "--calib")
+        if source not in ("real", "noise"):
+            source_kind(
+                source
+            )  # a missing or unreadable source is the user's error, not every tool's failure
         if source == "real":
             from benchmarks import splits
 
@@ -125,7 +132,7 @@ def calibration_sources(args: argparse.Namespace, transform) -> list[tuple[str, 
 def eval_sets(args: argparse.Namespace, transform) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (images, labels), decoded once; `lossless` / `jpeg` are the CIFAR-10 splits of --assets."""
     from benchmarks import splits
-    from benchmarks.vit_compare import _materialise
+    from benchmarks.vit_compare import materialise
     from quant.data import ArrayImageDataset, open_dataset
 
     out = {}
@@ -140,18 +147,26 @@ def eval_sets(args: argparse.Namespace, transform) -> dict[str, tuple[torch.Tens
             name = SPLITS[source] if name == source else name
         else:
             data = open_dataset(source, transform)
-        if args.n_eval is not None:
-            data = _first(data, args.n_eval)
-        out[name] = _materialise(data)
+        if args.n_eval is not None and args.n_eval < _length(data):
+            data, name = _first(data, args.n_eval), f"{name}-first{args.n_eval}"
+        out[name] = materialise(data)
     return out
 
 
+def _length(data) -> float:
+    try:
+        return len(data)
+    except TypeError:
+        return float("inf")
+
+
 def _first(data, n: int):
+    """The first n items of a dataset (an IterableDataset's first n, as a list)."""
     if isinstance(data, torch.utils.data.IterableDataset):
         import itertools
 
         return list(itertools.islice(data, n))
-    return torch.utils.data.Subset(data, range(min(n, len(data))))
+    return torch.utils.data.Subset(data, range(n))
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -379,7 +394,7 @@ def mct_datagen_sources(
     out = []
     for entry in [e for e in entries.split(",") if e]:
         if entry != "default" and not entry.isdigit():
-            raise SystemExit(f"--mct-datagen {entry!r}: use default or an image count")
+            raise BenchmarkError(f"--mct-datagen {entry!r}: use default or an image count")
         n = n_calib if entry == "default" else int(entry)
         label = "mct-datagen" if entry == "default" else f"mct-datagen-{n}"
         label += f"-{iters}it" if iters else ""
@@ -397,11 +412,11 @@ def _tool_list(text: str) -> list[str]:
     tools = [t for t in text.split(",") if t] or installed()
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
-        raise SystemExit(f"--tools: unknown {', '.join(unknown)} (known: {', '.join(TOOLS)})")
+        raise BenchmarkError(f"--tools: unknown {', '.join(unknown)} (known: {', '.join(TOOLS)})")
     missing = [t for t in tools if t not in installed()]
     if missing:
         extras = ",".join(TOOLS[t].extra for t in missing)
-        raise SystemExit(f"--tools: {', '.join(missing)} not installed (pip install 'dfq[{extras}]')")
+        raise BenchmarkError(f"--tools: {', '.join(missing)} not installed (pip install 'dfq[{extras}]')")
     return tools
 
 
@@ -414,16 +429,16 @@ def run(args: argparse.Namespace) -> int:
         return _run_tiny(args)
     bits = args.bits.split(",")
     if any(b not in BITS for b in bits):
-        raise SystemExit(f"--bits {args.bits!r}: use a comma list of {', '.join(BITS)}")
+        raise BenchmarkError(f"--bits {args.bits!r}: use a comma list of {', '.join(BITS)}")
     tools = _tool_list(args.tools)
     if not args.eval:
-        raise SystemExit("give at least one --eval NAME=SOURCE")
+        raise BenchmarkError("give at least one --eval NAME=SOURCE")
     model, data_config = build_model(args.model, args.checkpoint)
     transform = build_transform(data_config)
     calibs = [(label, source, {}) for label, source in calibration_sources(args, transform)]
     calibs += mct_datagen_sources(args.mct_datagen, model, data_config, args.n_calib, args.mct_datagen_iters)
     if not calibs:
-        raise SystemExit("give at least one --calib NAME=SOURCE or --mct-datagen")
+        raise BenchmarkError("give at least one --calib NAME=SOURCE or --mct-datagen")
     evals = eval_sets(args, transform)
     model_name = args.model
     run_tools(

@@ -55,10 +55,16 @@ def test_cpu_rows_never_replace_gpu_rows(tmp_path) -> None:
     assert sorted(r["top1"] for r in again) == [1.0, 3.0]  # a CPU re-run replaces only the CPU row
 
 
-def test_bad_arguments_name_the_value() -> None:
-    with pytest.raises(SystemExit, match="--tools: unknown tensorrt"):
-        tool_compare.main(["--tools", "tensorrt", "--eval", "x=y"])
-    with pytest.raises(SystemExit, match="--bits 'W2A2'"):
-        tool_compare.main(["--bits", "W2A2", "--eval", "x=y"])
-    with pytest.raises(SystemExit, match="expected NAME=SOURCE"):
-        tool_compare._pair("=pool/", "--calib")
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from launch.cli import main
+
+    bad = (
+        (["--tools", "tensorrt", "--eval", "x=y"], "--tools: unknown tensorrt"),
+        (["--bits", "W2A2", "--eval", "x=y"], "--bits 'W2A2'"),
+        (["--tools", "ort", "--calib", "=pool/", "--eval", "x=y"], "--calib '=pool/': expected NAME=SOURCE"),
+        (["--tools", "ort", "--calib", f"p={tmp_path / 'nope'}", "--eval", "x=y"], "nope does not exist"),
+    )
+    for argv, message in bad:
+        assert main(["bench", "tools", "--model", "tests.user_models:resnet20_variant", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

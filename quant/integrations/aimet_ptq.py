@@ -3,7 +3,9 @@
     sim = QuantizationSimModel(model, dummy_input, default_param_bw=8, default_output_bw=8)
     sim.compute_encodings(compute_encodings_callback("pool/", cfg, n=512))
 
-AIMET's standard PTQ flow folds BatchNorm into the convolutions first, then inserts quantize-
+AIMET's standard PTQ flow prepares the model (`model_preparer.prepare_model`: a torch.fx copy with
+functional ops as modules, so custom modules such as a ResNet's padding shortcut need no quantized
+definition), folds BatchNorm into the convolutions, then inserts quantize-
 dequantize nodes (per-channel int weights, asymmetric activations, min-max ranges) and sets their
 encodings from the callback's forward passes. Any bit width: W8A8, W4A8, W4A4.
 """
@@ -40,13 +42,14 @@ def quantize_int8(
     wbits: int = 8,
     abits: int = 8,
 ) -> nn.Module:
-    """BN folding, then `QuantizationSimModel` at `wbits`/`abits` (default W8A8) with its default
+    """`prepare_model`, BN folding, then `QuantizationSimModel` at `wbits`/`abits` (default W8A8) with its default
     config, encodings computed on the first `n` images of `calib_source`; returns the sim model."""
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
+    from aimet_torch.model_preparer import prepare_model
     from aimet_torch.quantsim import QuantizationSimModel
 
     check_bits("aimet", wbits, abits, BITS)
-    model = copy.deepcopy(model).eval()
+    model = prepare_model(copy.deepcopy(model).eval())
     dummy = example_input(data_config, 1)
     fold_all_batch_norms(model, input_shapes=tuple(dummy.shape))
     sim = QuantizationSimModel(model, dummy_input=dummy, default_param_bw=wbits, default_output_bw=abits)

@@ -114,3 +114,13 @@ def test_w4a8_is_coarser_than_w8a8(name: str, pool: Path, images: torch.Tensor) 
         module.quantize_int8(model, CFG, str(pool), N_CALIB, batch_size=8, wbits=4), model, images
     )
     assert 1.3 * err8 < err4 < 0.5, (name, err8, err4)  # coarser weights, still a working model
+
+
+def test_mct_data_generation_gives_images_of_the_input_size() -> None:
+    module = _tool("mct")
+    images, seconds = module.generate_images(tiny_cnn(), CFG, 6, n_iter=2, batch_size=4)
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.float32 and seconds > 0
+    assert float(images.std()) > 0.1  # optimised images, not a constant
+    no_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    with pytest.raises(QuantError, match="needs BatchNorm2d"):
+        module.generate_images(no_bn, CFG, 2, n_iter=1)

@@ -129,6 +129,18 @@ def calibration_sources(args: argparse.Namespace, transform) -> list[tuple[str, 
     return out
 
 
+def calibration_count(source: object, n_calib: int) -> int:
+    """Images a source calibrates with: all of a tensor, n_calib of noise, else up to n_calib of what
+    the source holds (a 256-image pool calibrates on 256 in a 1,024-image run; rows record n_calib)."""
+    from quant.data import open_dataset
+
+    if isinstance(source, torch.Tensor):
+        return int(len(source))
+    if source == "noise":
+        return n_calib
+    return min(n_calib, len(open_dataset(str(source), None)))
+
+
 def eval_sets(args: argparse.Namespace, transform) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (images, labels), decoded once; `lossless` / `jpeg` are the CIFAR-10 splits of --assets."""
     from benchmarks import splits
@@ -334,7 +346,7 @@ def run_tools(
     ]
     write_results(results, rows)
     for label, source, extra in calibs:
-        n = int(len(source)) if isinstance(source, torch.Tensor) else n_calib
+        n = calibration_count(source, n_calib)
         for tool in tools:
             for name in bits:
                 wbits, abits = BITS[name]

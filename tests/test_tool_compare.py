@@ -68,3 +68,15 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys: pytest.CaptureF
         assert main(["bench", "tools", "--model", "tests.user_models:resnet20_variant", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_small_pool_calibrates_on_what_it_holds(tmp_path) -> None:
+    import torch
+
+    from tests.tiny_pools import write_image_pool
+
+    pool = write_image_pool(tmp_path / "pool", num_samples=10, shard_size=4)
+    assert tool_compare.calibration_count(str(pool), 1024) == 10  # a 256-image pool in a 1,024 run
+    assert tool_compare.calibration_count(str(pool), 6) == 6
+    assert tool_compare.calibration_count("noise", 7) == 7
+    assert tool_compare.calibration_count(torch.zeros(3, 3, 8, 8), 9) == 3

@@ -2,7 +2,7 @@
 
 For every installed tool (`--tools`, default all of `quant.integrations.installed()`), the tool's own
 W8A8 flow (W4A8 / W4A4 with `--bits` where the tool has one) of one model, calibrated on the first
-`--n-calib` images of each `--calib NAME=SOURCE` (a pool, image folder, tar, .npz, `noise`, or `real`:
+`--n-calib` images (all, of a smaller source) of each `--calib NAME=SOURCE` (a pool, image folder, tar, .npz, `noise`, or `real`:
 the CIFAR-10 calibration draw of benchmarks/README.md from `--assets`), and, with `--mct-datagen`,
 on images from MCT's own data-free generator (`default`: its default recipe for `--n-calib` images;
 an integer N: N images, its image budget; the generator's wall time is recorded). Each quantized

@@ -170,9 +170,9 @@ class Bench:
         self.transform = build_transform(self.data_config)
         if args.heldout:
             from benchmarks import splits
-            from benchmarks.vit_compare import _materialise
+            from benchmarks.vit_compare import materialise
 
-            self.evals = {HELDOUT: _materialise(splits.cifar10_calibration(assets, self.transform))}
+            self.evals = {HELDOUT: materialise(splits.cifar10_calibration(assets, self.transform))}
         else:
             self.evals = accuracy.eval_sets(
                 "cifar10", assets, self.data_config, self.transform, ["lossless", "jpeg"]

@@ -21,13 +21,19 @@ BENCHMARKS = {
         "benchmarks.generator_compare",
         "data-free pools of bn-distill and enhancing-dfq, quantized the same way",
     ),
+    "tools": (
+        "benchmarks.tool_compare",
+        "other PTQ tools (NNCF, ModelOpt, MCT, ...) calibrated from each source",
+    ),
     "gen": ("benchmarks.gen_throughput", "generation img/s: plain diffusers vs our worker"),
     "scaling": ("benchmarks.gen_scaling", "generation img/s against the number of Ray actors"),
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (accuracy, peer, recon-speed, vit, gen, scaling)")
+    p = sub.add_parser(
+        "bench", help="run a benchmark (accuracy, peer, recon-speed, vit, generators, tools, gen, scaling)"
+    )
     names = p.add_subparsers(dest="bench", metavar="{" + ",".join(BENCHMARKS) + "}", parser_class=type(p))
     names.required = True
     for name, (module, help_text) in BENCHMARKS.items():

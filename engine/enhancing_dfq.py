@@ -15,6 +15,11 @@ A class-conditional generator is trained once per pool against the full-precisio
    z^j, a transformer layer takes (O^{j-1}, z^j) to O^j; O^J is decoded to the input size.
 4. losses (Eq. 10, 12): soft cross-entropy + SimLoss1 (`simloss1`) + the BN-statistics loss of
    GDFQ where the classifier has BN, else PSAQ-ViT's patch-similarity entropy (`bn_loss`).
+5. our addition, a batch diversity term (`diversity_weight`): the mean cosine between the
+   last-activation features of the batch's images. Without it the generator collapses onto nearly
+   one image on the CIFAR-10 ResNet-20 (SimLoss1 alone cannot spread a batch that moves as one);
+   its weight was chosen on held-out real images (docs/results.md). The noise reaches the
+   generator twice: as a token map added to the condition's, and through the flow levels.
 
 Determinism: every random draw is keyed, never a running state: the networks' initial weights by
 the run seed, an iteration's classes/weights/noise by (run seed, iteration), a sample's by (run

@@ -167,8 +167,9 @@ class FlowAttentionLevel(nn.Module):
 class Generator(nn.Module):
     """Condition (class embedding) + noise -> normalized image at the classifier's input size.
 
-    `flow_attention`: O^0 = condition tokens + positions, J flow-attention levels, decode O^J.
-    Without it (GDFQ): O^0 = linear(noise * condition) tokens, decoded directly.
+    O^0 = condition tokens + a token map of the first noise token (so every sample's noise moves
+    the whole map, not only the attention) + positions; with `flow_attention`, J flow-attention
+    levels read the other noise tokens; O^J (or O^0 without them, a plain decoder) is decoded.
     """
 
     def __init__(

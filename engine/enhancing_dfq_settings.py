@@ -66,7 +66,7 @@ class EnhancingDFQSettings(GeneratorSettings):
         flag="--edfq-sim-weight",
     )
     diversity_weight: float = setting(
-        0.0, Float(0.0), "weight of the batch diversity term: mean feature cosine between images (default 0)",
+        2.0, Float(0.0), "weight of the batch diversity term: mean feature cosine between images (default 2)",
         flag="--edfq-diversity-weight",
     )  # fmt: skip
     stats_weight: float = setting(

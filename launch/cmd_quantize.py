@@ -123,6 +123,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
     p.add_argument("--eval-batch-size", type=positive_int, default=256)
     p.add_argument("--out", required=True, help="output directory (quantized.pt, result.json)")
+    p.add_argument(
+        "--trace-grad-norm",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="record the gradient norm of the quantization parameters per reconstructed unit and "
+        "iteration into FILE (default <out>/grad_norm.json; a plot beside it as .png) and its mean over "
+        "the last 10%% of iterations into result.json (mixup-class prompting, arXiv 2507.21947, Fig. 3)",
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -153,6 +163,34 @@ def _check_out(out: Path) -> None:
         raise QuantError(f"cannot create output directory {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise QuantError(f"cannot create output directory {out}: {parent} is not writable")
+
+
+def _trace_path(args: argparse.Namespace, out: Path) -> Path | None:
+    """Where `--trace-grad-norm` writes (None: no trace); a FILE that is a directory is refused."""
+    from quant.errors import QuantError
+
+    if args.trace_grad_norm is None:
+        return None
+    path = Path(args.trace_grad_norm) if args.trace_grad_norm else out / "grad_norm.json"
+    if path.is_dir():
+        raise QuantError(f"--trace-grad-norm {path}: a directory is in the way of the trace file")
+    return path
+
+
+def _write_trace(trace: dict, path: Path) -> dict:
+    """Save the trace and its plot; the result.json fields that point at them."""
+    import sys
+
+    from quant.errors import QuantError
+    from quant.grad_trace import TOTAL, plot_trace, save_trace
+
+    save_trace(trace, path)
+    fields = {"grad_norm": str(path), "grad_norm_tail": trace["summary"]["tail_mean"].get(TOTAL)}
+    try:
+        plot_trace(trace, path.with_suffix(".png"))
+    except QuantError as e:  # no matplotlib: the JSON is the trace, the plot a convenience
+        print(f"dfq quantize: no gradient-norm plot ({e})", file=sys.stderr)
+    return fields
 
 
 def _settings(args: argparse.Namespace, family: str, input_range: tuple[float, float] | None):
@@ -222,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         _check_source(args.eval, "evaluation data")
     out = Path(args.out)
     _check_out(out)  # created only once there is something to write: a refused run leaves nothing
+    trace_path = _trace_path(args, out)
 
     model, data_config = load_model(
         args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, preprocess=preprocess_of(args)
@@ -231,6 +270,11 @@ def run(args: argparse.Namespace) -> int:
     real_images = not (from_pool or args.calib == "noise")
     input_grid = input_grid_for(args.input_grid or "auto", real_images=real_images)
     settings = _settings(args, family, input_range(data_config) if input_grid == "preprocess" else None)
+    if trace_path is not None and not settings.iters:
+        raise QuantError(
+            f"--trace-grad-norm traces block reconstruction, which {settings.method} with 0 iterations "
+            "does not run: give --iters N"
+        )
     transform = build_transform(data_config)
     progress = not args.no_progress
 
@@ -242,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
     n_calib = int(calib.shape[0])
     calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
     spec = model_spec(args.model, args.checkpoint, args.num_classes, data_config)
-    qmodel = quant.quantize(model, calib, settings, model_spec=spec, progress=progress)
+    qmodel = quant.quantize(
+        model, calib, settings, model_spec=spec, progress=progress, trace_grad_norm=trace_path is not None
+    )
     seconds = time.perf_counter() - start
 
     cnn = family == "cnn"
@@ -296,6 +342,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise QuantError(f"cannot create output directory {out}: {e.strerror}") from None
     qmodel.save(out / "quantized.pt")
+    if trace_path is not None:
+        result.update(_write_trace(qmodel.grad_norm, trace_path))
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0

@@ -21,6 +21,7 @@ from torch import nn
 
 from .cnn import CNNSettings, quantize_cnn, rebuild_cnn
 from .errors import QuantError
+from .grad_trace import GradNormTrace
 from .methods import CNN, DEFAULT_METHOD, TRANSFORMER, get_method
 from .modules import QuantConv2d, QuantLinear, set_quant_state
 from .quantizers import AdaRoundQuantizer, UniformQuantizer, check_calibration
@@ -41,8 +42,8 @@ class Family:
 def _families() -> dict[str, Family]:
     from .vit import TransformerSettings, quantize_transformer, rebuild_transformer
 
-    def cnn(model: nn.Module, calib: torch.Tensor, s: CNNSettings, progress: bool) -> tuple:
-        qmodel, results = quantize_cnn(model, calib, s, progress)
+    def cnn(model: nn.Module, calib: torch.Tensor, s: CNNSettings, progress: bool, trace=None) -> tuple:
+        qmodel, results = quantize_cnn(model, calib, s, progress, trace)
         return qmodel, results, None
 
     return {
@@ -89,7 +90,8 @@ def method_settings(method: str, **values: Any) -> Settings:
 class QuantizedModel(nn.Module):
     """What `quantize` returns: the fake-quantized model, callable on a batch of images, and what the
     run produced: `settings`, `family`, `model_spec` (how to rebuild the float model, if known),
-    per-unit reconstruction `history` (loss per iteration) and `seconds_per_iter`, and `seconds`."""
+    per-unit reconstruction `history` (loss per iteration) and `seconds_per_iter`, `seconds`, and with
+    `quantize(trace_grad_norm=True)` the gradient-norm trace `grad_norm` (`quant.grad_trace`; not saved)."""
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class QuantizedModel(nn.Module):
         seconds_per_iter: dict[str, float] | None = None,
         seconds: float | None = None,
         calibration_seconds: float | None = None,
+        grad_norm: dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -113,6 +116,7 @@ class QuantizedModel(nn.Module):
         self.seconds_per_iter = dict(seconds_per_iter or {})
         self.seconds = seconds
         self.calibration_seconds = calibration_seconds
+        self.grad_norm = grad_norm
 
     @property
     def method(self) -> str:
@@ -145,13 +149,17 @@ def quantize(
     *,
     model_spec: dict | None = None,
     progress: bool = False,
+    trace_grad_norm: bool = False,
 ) -> QuantizedModel:
     """Quantize a copy of `model`, calibrated on `calib` (N, C, H, W images, preprocessed).
 
     `settings`: a `CNNSettings` / `TransformerSettings`, a method name (`quant.METHODS`), or None for
     the family's defaults. `model_spec` ({"model", "checkpoint", "num_classes"} and optionally
     "preprocess", a data config's preprocessing: what `quant.models.spec_args` turns into
-    `load_model`'s arguments) lets `load` rebuild the float model. `model` itself is not modified.
+    `load_model`'s arguments) lets `load` rebuild the float model. `trace_grad_norm` records the
+    gradient norms of the quantization parameters in every reconstructed unit
+    (`QuantizedModel.grad_norm`, the dict `quant.grad_trace.save_trace` writes); the result is the
+    same with or without it. `model` itself is not modified.
     """
     check_calibration(calib)
     family = model_family(model)
@@ -165,7 +173,8 @@ def quantize(
         )
     settings.validate()
     start = time.perf_counter()
-    qmodel, results, calibration_seconds = path.quantize(model, calib, settings, progress)
+    trace = GradNormTrace() if trace_grad_norm else None
+    qmodel, results, calibration_seconds = path.quantize(model, calib, settings, progress, trace)
     return QuantizedModel(
         qmodel,
         settings,
@@ -176,6 +185,7 @@ def quantize(
         seconds_per_iter={n: r.seconds_per_iter for n, r in results.items()},
         seconds=time.perf_counter() - start,
         calibration_seconds=calibration_seconds,
+        grad_norm=trace.to_dict() if trace is not None else None,
     ).eval()
 
 

@@ -312,9 +312,9 @@ def test_dispatch_on_the_model(monkeypatch, resnet20: nn.Module) -> None:
     calls = []
     real = api.quantize_cnn
 
-    def spy(model, calib, settings, progress):
+    def spy(model, calib, settings, progress, trace=None):
         calls.append(settings)
-        return real(model, calib, CNNSettings(method="rtn"), progress)  # not 20k iterations a unit
+        return real(model, calib, CNNSettings(method="rtn"), progress, trace)  # not 20k iterations a unit
 
     monkeypatch.setattr(api, "quantize_cnn", spy)
     q = quant.quantize(resnet20, _calib(4))

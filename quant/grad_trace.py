@@ -197,11 +197,13 @@ def plot_trace(trace: dict | str | os.PathLike, path: str | os.PathLike) -> Path
     fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat[len(groups) :]:
         ax.set_visible(False)
+    colors = plt.get_cmap("tab20").colors  # a colour per unit up to 20 (tab10 repeats after 10)
     for ax, group in zip(axes.flat, groups):
-        for u in trace["units"]:
+        for k, u in enumerate(trace["units"]):
             values = u["series"].get(group)
             if values:
-                ax.plot(_smooth(values, max(1, len(values) // 100)), lw=1, label=u["name"])
+                smooth = _smooth(values, max(1, len(values) // 100))
+                ax.plot(smooth, lw=1, label=u["name"], color=colors[k % len(colors)])
         ax.set_yscale("log")
         ax.set_title(f"{group} gradient norm", fontsize=10)
         ax.set_xlabel("iteration")

@@ -30,8 +30,9 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, the run
-    seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid, head rotation
-    and calibration batch size."""
+    seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid, head rotation,
+    calibration batch size, for generated pools their engine seed, variant and training length, and a
+    kd/nipq row's training options."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
@@ -41,6 +42,9 @@ def row_key(row: dict) -> tuple:
         input_grid(row),
         head_rotation(row),
         calib_images(row),
+        row.get("pool_seed"),
+        row.get("variant"),
+        row.get("gen_iterations"),
         distill_options(row),
     )
 

@@ -89,3 +89,17 @@ def load_cifar_vit(path: str | Path) -> VisionTransformer:
     model = build_cifar_vit()
     model.load_state_dict(convert_cifar_vit_state_dict(sd), strict=True)
     return model.eval()
+
+
+def cifar_vit() -> tuple[VisionTransformer, dict]:
+    """Model spec `benchmarks.vit_checkpoint:cifar_vit` (random weights, with the checkpoint's data
+    config): what the engine's classifier-based generators load, with a `convert_for_timm` checkpoint."""
+    config = {"input_size": (3, 32, 32), "mean": CIFAR_VIT_MEAN, "std": CIFAR_VIT_STD, "crop_pct": 1.0,
+              "interpolation": "bilinear", "num_classes": 10}  # fmt: skip
+    return build_cifar_vit().eval(), config
+
+
+def convert_for_timm(src: str | Path, dst: str | Path) -> None:
+    """Save the checkpoint at `src` under timm's tensor names at `dst` (loadable with --checkpoint)."""
+    model = load_cifar_vit(src)
+    torch.save(model.state_dict(), dst)

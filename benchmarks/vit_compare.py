@@ -113,7 +113,7 @@ def data_config() -> dict:
     }
 
 
-def _materialise(data, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def materialise(data, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """A Dataset as an (images, labels) tensor pair, so the JPEGs are decoded once, not once per run."""
     if isinstance(data, tuple):
         return data
@@ -519,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
     transform = build_transform(cfg)
     which = ["lossless"] if args.no_jpeg else ["lossless", "jpeg"]
     evals = {
-        name: _materialise(data)
+        name: materialise(data)
         for name, data in accuracy.eval_sets("cifar10", assets, cfg, transform, which).items()
     }
     label = "real"

@@ -44,6 +44,8 @@ DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+PREPROCESS_KEYS = ("input_size", "mean", "std", "num_classes")
+
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _MAX_SEED = 2**63 - 1
 
@@ -91,6 +93,9 @@ class GenerateConfig:
     preset: str | None = None  # None: the generator's default preset
     model: str | None = None
     checkpoint: str | None = None
+    #: a classifier's preprocessing given on the command line (input_size, mean, std, num_classes),
+    #: content: recorded in the manifest's config (only when set, so older pools keep their hash)
+    preprocess: Mapping[str, Any] | None = None
     settings: GeneratorSettings | Mapping[str, Any] | None = None
     vocab: str = "imagenet"
     k: int = 2
@@ -183,6 +188,14 @@ class GenerateConfig:
             raise EngineError("model must not be empty")
         if not str(self.out).strip():
             raise EngineError("out must not be empty")
+        if self.preprocess is not None:
+            if not isinstance(self.preprocess, Mapping):
+                raise EngineError(f"preprocess must be a mapping, got {type(self.preprocess).__name__}")
+            unknown = sorted(set(self.preprocess) - set(PREPROCESS_KEYS))
+            if unknown:
+                raise EngineError(
+                    f"preprocess has no key {unknown[0]!r} (keys: {', '.join(PREPROCESS_KEYS)})"
+                )
         n = len(self.vocabulary().names)
         if self.k > n:
             raise EngineError(f"k={self.k} is more than the {n} classes of vocab {self.vocab!r}")
@@ -236,6 +249,10 @@ class GenerateConfig:
         out["vocab_sha256"] = vocab.sha256
         out["num_classes"] = len(vocab.names)
         out["format_version"] = FORMAT_VERSION
+        if self.preprocess:
+            out["preprocess"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in self.preprocess.items()
+            }
         out["settings"] = self.generator_settings(GeneratorSettings).content()
         return out
 

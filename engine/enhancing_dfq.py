@@ -15,6 +15,11 @@ A class-conditional generator is trained once per pool against the full-precisio
    z^j, a transformer layer takes (O^{j-1}, z^j) to O^j; O^J is decoded to the input size.
 4. losses (Eq. 10, 12): soft cross-entropy + SimLoss1 (`simloss1`) + the BN-statistics loss of
    GDFQ where the classifier has BN, else PSAQ-ViT's patch-similarity entropy (`bn_loss`).
+5. our addition, a batch diversity term (`diversity_weight`): the mean cosine between the
+   last-activation features of the batch's images. Without it the generator collapses onto nearly
+   one image on the CIFAR-10 ResNet-20 (SimLoss1 alone cannot spread a batch that moves as one);
+   its weight was chosen on held-out real images (docs/results.md). The noise reaches the
+   generator twice: as a token map added to the condition's, and through the flow levels.
 
 Determinism: every random draw is keyed, never a running state: the networks' initial weights by
 the run seed, an iteration's classes/weights/noise by (run seed, iteration), a sample's by (run
@@ -41,7 +46,12 @@ from engine.bn_distill import _KNOWN_VOCABS, _default_names
 from engine.bn_distill_loss import BNStatsMatcher, bn_layers
 from engine.classifier import Classifier
 from engine.config import config_hash
-from engine.enhancing_dfq_loss import ClassCenters, patch_similarity_entropy, soft_cross_entropy
+from engine.enhancing_dfq_loss import (
+    ClassCenters,
+    pairwise_similarity,
+    patch_similarity_entropy,
+    soft_cross_entropy,
+)
 from engine.enhancing_dfq_nets import (
     LATENT_TOKENS,
     Generator,
@@ -251,12 +261,14 @@ class Trainer:
                     losses["mix"] = F.kl_div(soft.clamp_min(1e-12).log(), mix, reduction="batchmean")
                 if s.simloss1:
                     losses["sim1"] = self.centers.loss(taps.feature, soft.detach())
+                if s.diversity_weight > 0:
+                    losses["div"] = pairwise_similarity(taps.feature)
                 if s.bn_loss and self.has_bn:
                     losses["bn"] = bn.loss()
                 elif s.bn_loss:
                     losses["patch"] = -torch.stack([patch_similarity_entropy(t) for t in attn.outputs]).mean()
             weights = {"ce": s.ce_weight, "mix": 1.0, "sim1": s.sim_weight, "bn": s.stats_weight,
-                       "patch": s.stats_weight}  # fmt: skip
+                       "patch": s.stats_weight, "div": s.diversity_weight}  # fmt: skip
             total = sum(weights[k] * v for k, v in losses.items())
             self.opt_g.zero_grad(set_to_none=True)
             total.backward()

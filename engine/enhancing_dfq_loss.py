@@ -56,6 +56,15 @@ class ClassCenters:
         self.seen = state["seen"].to(self.seen.device)
 
 
+def pairwise_similarity(feature: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between the features of different images of the batch (minimised:
+    images drawn with different noise must not collapse onto one picture)."""
+    f = F.normalize(feature.flatten(1), dim=-1)
+    n = f.shape[0]
+    sim = f @ f.T
+    return (sim.sum() - sim.diagonal().sum()) / max(1, n * (n - 1))
+
+
 def patch_similarity_entropy(tokens: torch.Tensor) -> torch.Tensor:
     """PSAQ-ViT's signal for one attention output (B, N, D): the differential entropy of the
     distribution of cosine similarities between an image's patch tokens, estimated with a Gaussian

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.errors import EngineError
 
-LATENT_TOKENS = 4  # z is LATENT_TOKENS tokens of embed_dim
+LATENT_TOKENS = 5  # z[:, 0] modulates the condition (GDFQ); z[:, 1:] feed the flow levels
 GRID = 4  # O^j is a GRID x GRID token map, decoded by upsampling
 DECODER_CHANNELS = 32
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardswish)
@@ -167,8 +167,9 @@ class FlowAttentionLevel(nn.Module):
 class Generator(nn.Module):
     """Condition (class embedding) + noise -> normalized image at the classifier's input size.
 
-    `flow_attention`: O^0 = condition tokens + positions, J flow-attention levels, decode O^J.
-    Without it (GDFQ): O^0 = linear(noise * condition) tokens, decoded directly.
+    O^0 = condition tokens + a token map of the first noise token (so every sample's noise moves
+    the whole map, not only the attention) + positions; with `flow_attention`, J flow-attention
+    levels read the other noise tokens; O^J (or O^0 without them, a plain decoder) is decoded.
     """
 
     def __init__(
@@ -179,6 +180,7 @@ class Generator(nn.Module):
         c, h, w = input_size
         self.size, self.flow_attention = (h, w), flow_attention
         self.cond = nn.Linear(embed_dim, GRID * GRID * embed_dim)
+        self.noise = nn.Linear(embed_dim, GRID * GRID * embed_dim)
         self.pos = nn.Parameter(torch.randn(1, GRID * GRID, embed_dim) * 0.02)
         heads = 4 if embed_dim % 4 == 0 else 1
         self.levels = nn.ModuleList(
@@ -198,12 +200,9 @@ class Generator(nn.Module):
     def forward(self, cond: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """cond (B, D), z (B, LATENT_TOKENS, D) -> normalized images (B, C, H, W)."""
         b, d = cond.shape
-        if self.flow_attention:
-            o = self.cond(cond).view(b, GRID * GRID, d) + self.pos
-            for level in self.levels:
-                o = level(o, z)
-        else:
-            o = self.cond(cond * z.mean(1)).view(b, GRID * GRID, d) + self.pos
+        o = (self.cond(cond) + self.noise(z[:, 0])).view(b, GRID * GRID, d) + self.pos
+        for level in self.levels:
+            o = level(o, z[:, 1:])
         x = self.decode(o.transpose(1, 2).reshape(b, d, GRID, GRID))
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)

@@ -65,6 +65,10 @@ class EnhancingDFQSettings(GeneratorSettings):
         "weight of SimLoss1, the class-feature similarity (default 0.1)",
         flag="--edfq-sim-weight",
     )
+    diversity_weight: float = setting(
+        2.0, Float(0.0), "weight of the batch diversity term: mean feature cosine between images (default 2)",
+        flag="--edfq-diversity-weight",
+    )  # fmt: skip
     stats_weight: float = setting(
         0.1, Float(0.0), "weight of the BN-statistics loss, or of the patch-similarity entropy loss for models "
         "without BN (default 0.1)", flag="--edfq-stats-weight",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "generate": "launch.cmd_generate",
     "quantize": "launch.cmd_quantize",
     "inspect": "launch.cmd_inspect",
+    "export": "launch.cmd_export",
     "bench": "launch.cmd_bench",
 }
 
@@ -67,7 +69,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+#: third-party loggers that speak on import: diffusers warns (with a traceback) that it cannot use an
+#: installed torchao, and importing torchao makes torch's pytree warn about deprecated registrations;
+#: neither is about the user's command, and a bad input must stay one line
+QUIET_LOGGERS = ("diffusers", "torch.utils._pytree", "torchao")
+
+
+def _quiet_imports() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_imports()
     user_errors = _user_errors()
     try:
         args = build_parser().parse_args(argv)

@@ -21,6 +21,14 @@ BENCHMARKS = {
         "benchmarks.distill_compare",
         "kd / nipq (training on the images) against genie-m, several seeds: top-1 per bits and source",
     ),
+    "generators": (
+        "benchmarks.generator_compare",
+        "data-free pools of bn-distill and enhancing-dfq, quantized the same way",
+    ),
+    "tools": (
+        "benchmarks.tool_compare",
+        "other PTQ tools (NNCF, ModelOpt, MCT, ...) calibrated from each source",
+    ),
     "gen": ("benchmarks.gen_throughput", "generation img/s: plain diffusers vs our worker"),
     "scaling": ("benchmarks.gen_scaling", "generation img/s against the number of Ray actors"),
 }

@@ -17,6 +17,7 @@ from typing import Any
 
 from launch.argtypes import nonnegative_int, positive_int
 from launch.errors import UsageError
+from launch.model_flags import add_preprocess_flags, given_flags, preprocess_of
 
 
 def batch_size_arg(text: str) -> int | str:
@@ -79,9 +80,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model",
         default=None,
         help="diffusion: diffusers hub id or local path (default from --preset); classifier-based "
-        "generators: the classifier spec (zoo name, timm name, tv:<name>, module:factory)",
+        "generators: the classifier spec (zoo name, timm name, tv:<name>, module:factory, "
+        "path/to/net.py:factory)",
     )
     g.add_argument("--checkpoint", default=None, help="classifier-based generators: state dict to load")
+    add_preprocess_flags(g, scope="classifier-based generators: ")
     p.set_defaults(setting_flags=_add_settings_options(p, names))
 
     g = p.add_argument_group("execution")
@@ -199,6 +202,7 @@ def config_from_args(args: argparse.Namespace):  # -> engine.config.GenerateConf
         preset=args.preset,
         model=args.model,
         checkpoint=args.checkpoint,
+        preprocess=given_flags(args),
         settings=settings_from_args(args),
         vocab=args.vocab or "imagenet",
         k=args.k,
@@ -232,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
     context: dict = {}
     if settings_class(args.generator).needs_classifier:
         args, context = _classifier_setup(args)
+    elif given_flags(args):
+        flag = "--" + next(iter(given_flags(args))).replace("_", "-")
+        raise UsageError(f"{flag} is for classifier-based generators, not --generator {args.generator}")
     try:
         summary = generate(config_from_args(args), context)
     except GenerationError as exc:
@@ -253,7 +260,7 @@ def _classifier_setup(args: argparse.Namespace) -> tuple[argparse.Namespace, dic
         )
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise EngineError(f"checkpoint {args.checkpoint!r} does not exist")
-    context, _ = distill_context(args.model, args.checkpoint, None)
+    context, _ = distill_context(args.model, args.checkpoint, args.num_classes, preprocess_of(args))
     num_classes = context["classifier"].num_classes
     args = argparse.Namespace(**vars(args))
     if args.vocab is None:

@@ -22,6 +22,7 @@ from launch.argtypes import (
     positive_float,
     positive_int,
 )
+from launch.model_flags import add_preprocess_flags, given_flags, preprocess_of
 
 _CNN, _VIT, _DISTILL = "cnn", "transformer", "distill"
 #: flags that set a setting of some paths only, for some model families:
@@ -52,9 +53,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Quantize a model: block reconstruction for CNNs, RepQ-ViT-style calibration for "
         "transformers (chosen from the model). Methods: " + methods_help() + ".",
     )
-    p.add_argument("--model", required=True, help="zoo name, timm name, tv:<name> or module:factory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="zoo name, timm name, tv:<name>, module:factory or path/to/net.py:factory",
+    )
     p.add_argument("--checkpoint", help="state dict to load into the model")
-    p.add_argument("--num-classes", type=positive_int)
+    add_preprocess_flags(p)
     p.add_argument(
         "--calib",
         required=True,
@@ -166,6 +171,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", help="evaluation data (pool, ImageFolder, tar, .npz); omit to skip evaluation")
     p.add_argument("--eval-batch-size", type=positive_int, default=256)
     p.add_argument("--out", required=True, help="output directory (quantized.pt, result.json)")
+    p.add_argument(
+        "--trace-grad-norm",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="record the gradient norm of the quantization parameters per reconstructed unit and "
+        "iteration into FILE (default <out>/grad_norm.json; a plot beside it as .png) and its mean over "
+        "the last 10%% of iterations into result.json (mixup-class prompting, arXiv 2507.21947, Fig. 3)",
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -196,6 +211,34 @@ def _check_out(out: Path) -> None:
         raise QuantError(f"cannot create output directory {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise QuantError(f"cannot create output directory {out}: {parent} is not writable")
+
+
+def _trace_path(args: argparse.Namespace, out: Path) -> Path | None:
+    """Where `--trace-grad-norm` writes (None: no trace); a FILE that is a directory is refused."""
+    from quant.errors import QuantError
+
+    if args.trace_grad_norm is None:
+        return None
+    path = Path(args.trace_grad_norm) if args.trace_grad_norm else out / "grad_norm.json"
+    if path.is_dir():
+        raise QuantError(f"--trace-grad-norm {path}: a directory is in the way of the trace file")
+    return path
+
+
+def _write_trace(trace: dict, path: Path) -> dict:
+    """Save the trace and its plot; the result.json fields that point at them."""
+    import sys
+
+    from quant.errors import QuantError
+    from quant.grad_trace import TOTAL, plot_trace, save_trace
+
+    save_trace(trace, path)
+    fields = {"grad_norm": str(path), "grad_norm_tail": trace["summary"]["tail_mean"].get(TOTAL)}
+    try:
+        plot_trace(trace, path.with_suffix(".png"))
+    except QuantError as e:  # no matplotlib: the JSON is the trace, the plot a convenience
+        print(f"dfq quantize: no gradient-norm plot ({e})", file=sys.stderr)
+    return fields
 
 
 def method_path(method: str | None, family: str) -> str:
@@ -305,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from quant.errors import QuantError
     from quant.evaluate import evaluate
-    from quant.models import load_model
+    from quant.models import check_forward, load_model, model_spec
     from quant.reader import shard_urls
 
     if args.augment_cutmix > 0 and args.augment == 1:
@@ -320,16 +363,29 @@ def run(args: argparse.Namespace) -> int:
         _check_source(args.eval, "evaluation data")
     out = Path(args.out)
     _check_out(out)  # created only once there is something to write: a refused run leaves nothing
+    trace_path = _trace_path(args, out)
 
-    model, data_config = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    model, data_config = load_model(
+        args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, preprocess=preprocess_of(args)
+    )
+    check_forward(model, data_config)  # a wrong input size or class count: one line, before any data
     family = quant.model_family(model)
     real_images = not (from_pool or args.calib == "noise")
     input_grid = input_grid_for(args.input_grid or "auto", real_images=real_images)
     settings = _settings(args, family, input_range(data_config) if input_grid == "preprocess" else None)
+    distill = method_path(args.method, family) == _DISTILL
+    if distill:  # the trace is of the reconstruction a distill run starts from
+        recon_iters, hint = (settings.init_iters if settings.init == "genie-m" else 0), "--init genie-m"
+    else:
+        recon_iters, hint = settings.iters, "--iters N"
+    if trace_path is not None and not recon_iters:
+        raise QuantError(
+            f"--trace-grad-norm traces block reconstruction, which {settings.method} as set does not "
+            f"run: give {hint}"
+        )
     transform = build_transform(data_config)
     progress = not args.no_progress
 
-    distill = method_path(args.method, family) == _DISTILL
     start = time.perf_counter()
     if args.calib == "noise":
         calib = noise_calibration(args.n_calib, data_config["input_size"], seed=args.seed)
@@ -340,14 +396,18 @@ def run(args: argparse.Namespace) -> int:
     n_calib = len(calib)
     if not distill:
         calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
-    spec = {"model": args.model, "checkpoint": args.checkpoint, "num_classes": args.num_classes}
-    qmodel = quant.quantize(model, calib, settings, model_spec=spec, progress=progress)
+    spec = model_spec(args.model, args.checkpoint, args.num_classes, data_config)
+    qmodel = quant.quantize(
+        model, calib, settings, model_spec=spec, progress=progress, trace_grad_norm=trace_path is not None
+    )
     seconds = time.perf_counter() - start
 
     cnn = family == "cnn"
     result: dict = {
         "model": args.model,
         "checkpoint": args.checkpoint,
+        "preprocess_flags": given_flags(args),  # --input-size/--mean/--std/--num-classes as given
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "family": family,
         "calib": args.calib,
         "n_calib": n_calib,
@@ -395,6 +455,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise QuantError(f"cannot create output directory {out}: {e.strerror}") from None
     qmodel.save(out / "quantized.pt")
+    if trace_path is not None:
+        result.update(_write_trace(qmodel.grad_norm, trace_path))
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 
 from .cnn import CNNSettings, quantize_cnn, rebuild_cnn
 from .errors import QuantError
+from .grad_trace import GradNormTrace
 from .methods import CNN, DEFAULT_METHOD, DISTILL, METHODS, TRANSFORMER, get_method
 from .modules import QuantConv2d, QuantLinear, set_quant_state
 from .quantizers import AdaRoundQuantizer, UniformQuantizer, check_calibration
@@ -44,12 +46,12 @@ def _families() -> dict[str, Family]:
     from .distill import DistillSettings, quantize_distill, rebuild_distill
     from .vit import TransformerSettings, quantize_transformer, rebuild_transformer
 
-    def cnn(model: nn.Module, calib: torch.Tensor, s: CNNSettings, progress: bool) -> tuple:
-        qmodel, results = quantize_cnn(model, calib, s, progress)
+    def cnn(model: nn.Module, calib: torch.Tensor, s: CNNSettings, progress: bool, trace=None) -> tuple:
+        qmodel, results = quantize_cnn(model, calib, s, progress, trace)
         return qmodel, results, None
 
-    def distill(model: nn.Module, calib: Any, s: Any, progress: bool) -> tuple:
-        return quantize_distill(model, model_family(model), calib, s, progress)
+    def distill(model: nn.Module, calib: Any, s: Any, progress: bool, trace=None) -> tuple:
+        return quantize_distill(model, model_family(model), calib, s, progress, trace)
 
     def rebuild(model: nn.Module, s: Any, input_shape: tuple[int, ...]) -> nn.Module:
         return rebuild_distill(model, model_family(model), s, input_shape)
@@ -103,7 +105,8 @@ def method_settings(method: str, **values: Any) -> Settings:
 class QuantizedModel(nn.Module):
     """What `quantize` returns: the fake-quantized model, callable on a batch of images, and what the
     run produced: `settings`, `family`, `model_spec` (how to rebuild the float model, if known),
-    per-unit reconstruction `history` (loss per iteration) and `seconds_per_iter`, and `seconds`."""
+    per-unit reconstruction `history` (loss per iteration) and `seconds_per_iter`, `seconds`, and with
+    `quantize(trace_grad_norm=True)` the gradient-norm trace `grad_norm` (`quant.grad_trace`; not saved)."""
 
     def __init__(
         self,
@@ -116,6 +119,7 @@ class QuantizedModel(nn.Module):
         seconds_per_iter: dict[str, float] | None = None,
         seconds: float | None = None,
         calibration_seconds: float | None = None,
+        grad_norm: dict | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -127,6 +131,7 @@ class QuantizedModel(nn.Module):
         self.seconds_per_iter = dict(seconds_per_iter or {})
         self.seconds = seconds
         self.calibration_seconds = calibration_seconds
+        self.grad_norm = grad_norm
 
     @property
     def method(self) -> str:
@@ -159,14 +164,19 @@ def quantize(
     *,
     model_spec: dict | None = None,
     progress: bool = False,
+    trace_grad_norm: bool = False,
 ) -> QuantizedModel:
     """Quantize a copy of `model`, calibrated on `calib` (N, C, H, W images, preprocessed; the
     distill methods also take a Dataset of (image, label) pairs, which they stream).
 
     `settings`: a `CNNSettings` / `TransformerSettings` / `DistillSettings`, a method name
-    (`quant.METHODS`), or None for the family's defaults. `model_spec` ({"model", "checkpoint",
-    "num_classes"}, as `quant.models.load_model` takes them) lets `load` rebuild the float model.
-    `model` itself is not modified.
+    (`quant.METHODS`), or None for the family's defaults. `model_spec` ({"model", "checkpoint", "num_classes"} and optionally
+    "preprocess", a data config's preprocessing: what `quant.models.spec_args` turns into
+    `load_model`'s arguments) lets `load` rebuild the float model. `trace_grad_norm` records the
+    gradient norms of the quantization parameters in every reconstructed unit (for `kd` / `nipq`,
+    those of the reconstruction they start from)
+    (`QuantizedModel.grad_norm`, the dict `quant.grad_trace.save_trace` writes); the result is the
+    same with or without it. `model` itself is not modified.
     """
     if isinstance(calib, torch.Tensor) or not isinstance(calib, Dataset):
         check_calibration(calib)
@@ -189,7 +199,8 @@ def quantize(
             f"method {settings.method!r} calibrates on an image tensor, not a {type(calib).__name__}"
         )
     start = time.perf_counter()
-    qmodel, results, calibration_seconds = paths[name].quantize(model, calib, settings, progress)
+    trace = GradNormTrace() if trace_grad_norm else None
+    qmodel, results, calibration_seconds = paths[name].quantize(model, calib, settings, progress, trace)
     return QuantizedModel(
         qmodel,
         settings,
@@ -200,6 +211,7 @@ def quantize(
         seconds_per_iter={n: r.seconds_per_iter for n, r in results.items()},
         seconds=time.perf_counter() - start,
         calibration_seconds=calibration_seconds,
+        grad_norm=trace.to_dict() if trace is not None else None,
     ).eval()
 
 
@@ -217,8 +229,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
     spec (`quant.models.load_model`) unless given as `model` (the same architecture)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise QuantError(f"cannot read {path}: {e}") from None
+    except pickle.UnpicklingError:  # bytes no torch.save wrote (torch's message is about weights_only)
+        raise QuantError(f"cannot read {path}: not a file torch.save wrote") from None
+    except Exception as e:  # a missing file, a truncated archive
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise QuantError(f"cannot read {path}: {type(e).__name__}: {first}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise QuantError(f"{path}: not a quantized model file ({FORMAT})")
     family = _families()[get_method(blob["settings"]["method"]).family]  # the path that made it
@@ -226,12 +241,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
     if model is None:
         if not blob["model_spec"]:
             raise QuantError(f"{path} was saved without a model spec: pass the float model as model=")
-        from .models import load_model
+        from .models import load_model, spec_args
 
-        spec = blob["model_spec"]
-        model, _ = load_model(
-            spec["model"], checkpoint=spec.get("checkpoint"), num_classes=spec.get("num_classes")
-        )
+        model, _ = load_model(**spec_args(blob["model_spec"]))
     input_shape = tuple(blob["input_shape"])
     qmodel = family.rebuild(model, settings, input_shape)
     load_quantized_state(qmodel, blob["state_dict"])

@@ -20,6 +20,7 @@ from .blocks import PLACEMENTS, build_quantized_twin
 from .capture import walk_units
 from .errors import QuantError
 from .gptq import unit_start_weights
+from .grad_trace import GradNormTrace
 from .methods import CNN, DEFAULT_METHOD, fill_preset
 from .modules import act_quantizers, set_quant_state, weight_layers
 from .quantizers import check_bits, check_device
@@ -132,10 +133,15 @@ def _set_threads(device: torch.device) -> None:
 
 
 def quantize_cnn(
-    model: nn.Module, calib: torch.Tensor, settings: CNNSettings, progress: bool = False
+    model: nn.Module,
+    calib: torch.Tensor,
+    settings: CNNSettings,
+    progress: bool = False,
+    trace: GradNormTrace | None = None,
 ) -> tuple[nn.Module, dict[str, ReconResult]]:
     """A fake-quantized copy of `model` calibrated on `calib` (N, C, H, W), deterministic per seed,
-    and the per-unit reconstruction results (empty for `rtn`). `model` itself is not modified."""
+    and the per-unit reconstruction results (empty for `rtn`); `trace` gets each reconstructed unit's
+    gradient norms. `model` itself is not modified."""
     device = torch.device(settings.device)
     _set_threads(device)
     calib = calib.to(device=device, dtype=torch.float32)
@@ -161,6 +167,7 @@ def quantize_cnn(
             results[step.name] = reconstruct_unit(
                 step.unit, x_q, step.x_fp, step.y_fp, recon, generator, progress,
                 desc=f"[{step.index + 1}/{len(units)}] {step.name}", start_weights=starts,
+                trace=trace.unit(step.name) if trace is not None else None,
             )  # fmt: skip
     qmodel.requires_grad_(False)
     return qmodel.eval(), results

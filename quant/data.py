@@ -8,10 +8,11 @@ Every source yields (tensor, label) through the same `build_transform`, so a CIF
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .errors import QuantError
-from .reader import _manifest_path, calibration_dataset, iter_calibration
+from .reader import _manifest_path, calibration_dataset, iter_calibration, iter_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -265,8 +266,37 @@ def load_calibration(source: str, transform: Callable, n: int, seed: int = 0) ->
     dataset = open_dataset(source, transform)
     if len(dataset) < n:
         raise QuantError(f"asked for {n} calibration images but {source} has only {len(dataset)}")
-    idx = np.random.default_rng(seed).choice(len(dataset), n, replace=False)
-    return torch.stack([dataset[int(i)][0] for i in idx])
+    return torch.stack([dataset[int(i)][0] for i in _draw(len(dataset), n, seed)])
+
+
+def _draw(size: int, n: int, seed: int) -> np.ndarray:
+    """The seeded draw of n of `size` indexable items that `load_calibration` takes."""
+    return np.random.default_rng(seed).choice(size, n, replace=False)
+
+
+def iter_labelled(
+    source: str, transform: Callable, n: int | None = None, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, int, dict | None]]:
+    """Up to n (all when None) (image tensor, label, record) items of `source`, one at a time: the
+    images `load_calibration` takes for the same n and seed (all of them, drawn in the same way, when
+    the source has fewer). The label is a pool sample's `.cls` (-1 if it has none) or the folder's /
+    array's label; the record is a pool sample's JSON (SHARDS.md), None for other sources.
+
+    Why: diagnostics read a pool's prompted classes beside its images, and more images than fit in
+    memory at once.
+    """
+    if n is not None and n < 1:
+        raise QuantError(f"number of images must be >= 1, got {n}")
+    if source_kind(source) == "pool":
+        samples = iter_samples(source)
+        for sample in samples if n is None else itertools.islice(samples, n):
+            yield transform(sample["image"]), int(sample.get("cls", -1)), sample.get("json")
+        return
+    dataset = open_dataset(source, transform)
+    count = len(dataset) if n is None else min(n, len(dataset))
+    for i in _draw(len(dataset), count, seed):
+        image, label = dataset[int(i)]
+        yield image, int(label), None
 
 
 def training_images(source: str, transform: Callable, n: int, seed: int = 0) -> Dataset:

@@ -40,6 +40,7 @@ from .cnn import ACT_CALIB_IMAGES, CNNSettings, quantize_cnn, rebuild_cnn
 from .distill_losses import tap_names
 from .distill_train import TrainPlan, train_student
 from .errors import QuantError
+from .grad_trace import GradNormTrace
 from .methods import CNN, DISTILL, TRANSFORMER, fill_preset
 from .modules import act_quantizers, set_quant_state, weight_layers
 from .quantizers import UniformQuantizer, check_bits, check_device
@@ -215,13 +216,19 @@ def _check_number(name: str, value: object) -> None:
 
 
 def _start(
-    model: nn.Module, family: str, images: torch.Tensor, s: DistillSettings, progress: bool
+    model: nn.Module,
+    family: str,
+    images: torch.Tensor,
+    s: DistillSettings,
+    progress: bool,
+    trace: GradNormTrace | None = None,
 ) -> tuple[nn.Module, dict[str, ReconResult]]:
-    """The calibrated quantized copy the training starts from, and its reconstruction results."""
+    """The calibrated quantized copy the training starts from, and its reconstruction results
+    (`trace` gets that reconstruction's gradient norms)."""
     if family == TRANSFORMER:
-        qmodel, results, _ = quantize_transformer(model, images, s.transformer_settings(), progress)
+        qmodel, results, _ = quantize_transformer(model, images, s.transformer_settings(), progress, trace)
         return qmodel, results
-    qmodel, results = quantize_cnn(model, images, s.cnn_settings(), progress)
+    qmodel, results = quantize_cnn(model, images, s.cnn_settings(), progress, trace)
     if s.init == "minmax":
         _minmax_grids(qmodel, images[:ACT_CALIB_IMAGES].to(s.device))
     return qmodel, results
@@ -282,7 +289,12 @@ def make_trainable(student: nn.Module, s: DistillSettings, images: torch.Tensor)
 
 
 def quantize_distill(
-    model: nn.Module, family: str, calib: Source, settings: DistillSettings, progress: bool = False
+    model: nn.Module,
+    family: str,
+    calib: Source,
+    settings: DistillSettings,
+    progress: bool = False,
+    trace: GradNormTrace | None = None,
 ) -> tuple[nn.Module, dict[str, ReconResult], float]:
     """A fake-quantized copy of `model` (a `family` model) trained on `calib` (an image tensor or a
     dataset of preprocessed images, streamed), its loss histories (the start's reconstruction under
@@ -294,7 +306,7 @@ def quantize_distill(
     device = torch.device(s.device)
     stream = ImageStream(calib, s.batch_size, seed=s.seed, flip_crop=s.flip_crop)
     images = first_images(stream.source, s.init_images).to(device)
-    student, init_results = _start(model, family, images, s, progress)
+    student, init_results = _start(model, family, images, s, progress, trace)
     teacher = copy.deepcopy(student)
     set_quant_state(teacher, False)
     make_trainable(student, s, images)

@@ -4,17 +4,29 @@ Specs, tried in this order:
 - a dfq zoo name (`quant.zoo.REGISTRY`, e.g. `cifar_resnet20`, `mobilenetv1_x0.25`);
 - `timm:<name>` or a bare timm name (`resnet18`, `vit_tiny_patch16_224.augreg_in21k`);
 - `tv:<name>` / `torchvision:<name>` (torchvision.models.get_model);
-- `package.module:factory` (imported and called; it may return `(model, data_config)`).
+- `package.module:factory` or `path/to/net.py:factory` (imported, or loaded from the file, and called;
+  it returns the model, or `(model, data_config)`).
 
 The data config travels with the model, as timm's `pretrained_cfg` does: keys `input_size`, `mean`,
-`std`, `crop_pct`, `interpolation`, `num_classes`.
+`std`, `crop_pct`, `interpolation`, `num_classes`. A `Preprocess` (the CLI's `--input-size`, `--mean`,
+`--std`) overrides it or completes it; a model that ends up without an input size, mean, std or class
+count is refused, naming the flags to give, rather than silently given ImageNet's preprocessing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
+import importlib.util
+import inspect
 import os
+import re
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,24 +44,146 @@ IMAGENET_CONFIG = {
 }
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+#: what every model's data config must hold, and the flag that supplies it
+REQUIRED = (("input_size", "--input-size"), ("mean", "--mean"), ("std", "--std"))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Preprocessing stated outside the model (the CLI's `--input-size`, `--mean`, `--std`; a saved
+    run's spec): each field set overrides the model's data config, or completes it where the model
+    carries none (a factory returning a bare module)."""
+
+    input_size: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        if self.input_size is not None and (len(self.input_size) != 3 or min(self.input_size) < 1):
+            raise QuantError(f"input size must be (channels, height, width) >= 1, got {self.input_size}")
+        if self.std is not None and min(self.std) <= 0:
+            raise QuantError(f"std must be > 0, got {self.std}")
+
+    def given(self) -> dict[str, Any]:
+        """The fields that are set, as data config entries."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def of(cls, data_config: Mapping[str, Any]) -> Preprocess:
+        """The preprocessing part of a data config (what a saved run records to rebuild it)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data_config.items() if k in names})
 
 
 def load_model(
-    spec: str, checkpoint: str | None = None, num_classes: int | None = None, pretrained: bool = False
+    spec: str,
+    checkpoint: str | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    preprocess: Preprocess | None = None,
 ) -> tuple[nn.Module, dict]:
     """Build the model named by `spec`, load `checkpoint` (strict) if given; return it in eval mode
-    with its data config."""
+    with its data config (`preprocess` overriding the model's own; `num_classes` completing it where
+    a factory does not take it). A config left without input size, mean, std or class count is
+    refused in one line naming the flags that supply them."""
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise QuantError(f"checkpoint {checkpoint} does not exist")
     model, config = _build(spec, num_classes, pretrained)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
-    config = dict(config)
-    config["num_classes"] = config.get("num_classes") or _guess_num_classes(model)
+    config = {**(config or {}), **(preprocess.given() if preprocess else {})}
+    config["num_classes"] = num_classes or config.get("num_classes") or _guess_num_classes(model)
+    missing = [flag for key, flag in REQUIRED if not config.get(key)]
+    missing += ["--num-classes"] if not config["num_classes"] else []
+    if missing:
+        raise QuantError(
+            f"model '{spec}' comes without its preprocessing: give {', '.join(missing)} "
+            "(or have its factory return (model, data_config))"
+        )
+    config["input_size"] = tuple(int(v) for v in config["input_size"])
+    config["mean"], config["std"] = tuple(config["mean"]), tuple(config["std"])
+    channels = config["input_size"][0]
+    for key, flag in REQUIRED[1:]:
+        if len(config[key]) != channels:
+            raise QuantError(
+                f"{key} {config[key]} has {len(config[key])} values for {channels} input channels ({flag})"
+            )
+    config.setdefault("crop_pct", 1.0)
+    config.setdefault("interpolation", "bilinear")
     return model.eval(), config
 
 
-def _build(spec: str, num_classes: int | None, pretrained: bool) -> tuple[nn.Module, dict]:
+def resolve_spec(spec: str) -> str:
+    """`spec` with a model file's path made absolute (Ray actors and later `quant.load` calls may run
+    elsewhere); every other spec unchanged."""
+    target, _, attr = spec.rpartition(":")
+    if _is_file_spec(target):
+        return f"{os.path.abspath(os.path.expanduser(target))}:{attr}"
+    return spec
+
+
+def model_spec(
+    spec: str, checkpoint: str | None, num_classes: int | None, data_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a saved run records to rebuild its float model anywhere (`spec_args` reads it back): the
+    spec with a model file's path made absolute, the checkpoint's absolute path, the class count
+    asked for, and the preprocessing the run used (so a bare-module factory needs no flags again)."""
+    return {
+        "model": resolve_spec(spec),
+        "checkpoint": None if checkpoint is None else os.path.abspath(checkpoint),
+        "num_classes": num_classes,
+        "preprocess": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in Preprocess.of(data_config).given().items()
+        },
+    }
+
+
+def spec_args(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """`load_model`'s keyword arguments from a saved model spec (`model_spec`; older files lack
+    "preprocess": the model's own config then)."""
+    preprocess = spec.get("preprocess")
+    return {
+        "spec": spec["model"],
+        "checkpoint": spec.get("checkpoint"),
+        "num_classes": spec.get("num_classes"),
+        "preprocess": Preprocess.of(preprocess) if preprocess else None,
+    }
+
+
+def check_forward(model: nn.Module, data_config: Mapping[str, Any]) -> None:
+    """Run one zero image of the configured input size through `model`: a wrong `--input-size` or
+    `--num-classes` fails here, in one line, instead of deep inside calibration."""
+    size = tuple(data_config["input_size"])
+    shown = "x".join(str(v) for v in size)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *size, device=device))
+    except Exception as e:  # any failure of the user's forward is a config mismatch to report
+        raise QuantError(
+            f"the model's forward fails on one {shown} image (the input size; set --input-size): "
+            f"{type(e).__name__}: {_first_line(e)}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        what = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise QuantError(f"the model returns {what} for one {shown} image, not (1, classes) logits")
+    n = data_config.get("num_classes")
+    if n is not None and out.shape[1] != n:
+        raise QuantError(f"the model gives {out.shape[1]} logits for one image, num_classes is {n}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _build(spec: str, num_classes: int | None, pretrained: bool) -> tuple[nn.Module, dict | None]:
     if spec in REGISTRY:
         return _build_zoo(spec, num_classes, pretrained)
     prefix, _, name = spec.partition(":")
@@ -63,6 +197,8 @@ def _build(spec: str, num_classes: int | None, pretrained: bool) -> tuple[nn.Mod
 
     if timm.is_model(spec):
         return _build_timm(spec, num_classes, pretrained, spec)
+    if _is_file_spec(spec):
+        raise QuantError(f"model file spec '{spec}' names no factory: give {spec}:<function>")
     raise QuantError(_unknown(spec))
 
 
@@ -135,32 +271,81 @@ def _torchvision_config(name: str) -> dict:
         return dict(IMAGENET_CONFIG)
 
 
-def _build_factory(spec: str, num_classes: int | None, pretrained: bool) -> tuple[nn.Module, dict]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise QuantError(f"{_unknown(spec)} (import failed: {e})") from None
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py")
+
+
+def _build_factory(spec: str, num_classes: int | None, pretrained: bool) -> tuple[nn.Module, dict | None]:
+    """Call a `module:factory` or `file.py:factory` target; its data config is what it returns, a
+    `data_config` attribute of the model, or a timm model's `pretrained_cfg` (None if none of these:
+    timm's resolver would answer ImageNet's defaults for any module, which is no config at all)."""
+    target, _, attr = spec.rpartition(":")
+    if _is_file_spec(target):
+        module = _import_file(target)
+        missing = f"model file {target} has no callable '{attr}'"
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise QuantError(f"{_unknown(spec)} (import failed: {e})") from None
+        missing = f"{_unknown(spec)} (module '{target}' has no callable '{attr}')"
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise QuantError(f"{_unknown(spec)} (module '{module_name}' has no callable '{attr}')")
-    kwargs: dict = {} if num_classes is None else {"num_classes": num_classes}
+        raise QuantError(missing)
+    kwargs: dict = {}
+    if num_classes is not None and _accepts(factory, "num_classes"):
+        kwargs["num_classes"] = num_classes
     if pretrained:
         kwargs["pretrained"] = True
     try:
         out = factory(**kwargs)
-    except TypeError as e:
-        raise QuantError(f"model factory '{spec}' failed with {kwargs or 'no arguments'}: {e}") from None
+    except Exception as e:  # the user's code: report it in one line, naming the call
+        raise QuantError(
+            f"model factory '{spec}' failed with {kwargs or 'no arguments'}: {type(e).__name__}: "
+            f"{_first_line(e)}"
+        ) from None
     model, config = out if isinstance(out, tuple) else (out, None)
     if not isinstance(model, nn.Module):
         raise QuantError(f"model factory '{spec}' returned {type(model).__name__}, not an nn.Module")
     if config is None:
         config = getattr(model, "data_config", None)
-    if config is None:
-        from timm.data import resolve_data_config  # reads pretrained_cfg / default_cfg when present
+    if config is None and (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
+        from timm.data import resolve_data_config  # reads pretrained_cfg / default_cfg
 
-        config = {**IMAGENET_CONFIG, **resolve_data_config({}, model=model), "num_classes": None}
-    return model, dict(config)
+        config = {**resolve_data_config({}, model=model), "num_classes": None}
+    return model, None if config is None else dict(config)
+
+
+def _import_file(target: str) -> ModuleType:
+    """Load a model file as a module of its own (named after its absolute path, so two `net.py`
+    never collide); its folder joins the end of sys.path so it can import its neighbours."""
+    path = os.path.abspath(os.path.expanduser(target))
+    if not os.path.isfile(path):
+        raise QuantError(f"model file {target} does not exist")
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    name = f"_dfq_model_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:10]}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise QuantError(f"model file {target} cannot be loaded as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    if os.path.dirname(path) not in sys.path:
+        sys.path.append(os.path.dirname(path))
+    sys.modules[name] = module  # dataclasses and pickling look their module up here
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # SyntaxError, ImportError, anything the file raises at import
+        del sys.modules[name]
+        raise QuantError(f"cannot import model file {target}: {type(e).__name__}: {_first_line(e)}") from None
+    return module
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    """Whether `fn` takes a keyword `name` (True when its signature cannot be read)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _guess_num_classes(model: nn.Module) -> int | None:

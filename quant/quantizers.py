@@ -296,12 +296,13 @@ class AdaRoundQuantizer(nn.Module):
         q = torch.clamp(self.w_floor + offset + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * self.scale
 
-    def round_loss(self, beta: float) -> torch.Tensor:
+    def round_loss(self, beta: float, reuse: bool = True) -> torch.Tensor:
         """AdaRound's regulariser: pushes every h(alpha) to 0 or 1 as beta anneals 20 -> 2.
 
-        Reuses h(alpha) from this step's forward when there is one (same value, one graph node).
+        Reuses h(alpha) from this step's forward when there is one (same value, one graph node);
+        `reuse=False` computes it afresh (a graph of its own, after that step's backward).
         """
-        h = self._last_h if self._last_h is not None and self.alpha.requires_grad else self.h()
+        h = self._last_h if reuse and self._last_h is not None and self.alpha.requires_grad else self.h()
         return _RoundReg.apply(h, beta)
 
     def _fusable(self) -> bool:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .adam import LoopAdam
+from .grad_trace import UnitTrace
 from .modules import MaskPool, act_quantizers, dense_dot, weight_layers
 
 
@@ -121,12 +122,14 @@ def reconstruct_unit(
     progress: bool = False,
     desc: str = "",
     start_weights: dict[nn.Module, torch.Tensor] | None = None,
+    trace: UnitTrace | None = None,
 ) -> ReconResult:
     """Reconstruct `unit` (its quantizers already calibrated and switched on) in place.
 
     `x_q`: the unit's inputs from the quantized prefix; `x_fp`/`y_fp`: its float inputs and outputs;
     `start_weights` ({layer: weight}, `quant.gptq.unit_start_weights`): where those layers' rounding
-    starts. On return the weight rounding is hard (`alpha >= 0`) and dropping is off.
+    starts; `trace` records the gradient norms (`quant.grad_trace`). On return the weight rounding is
+    hard (`alpha >= 0`) and dropping is off.
     """
     s = settings
     starts = start_weights or {}
@@ -147,7 +150,7 @@ def reconstruct_unit(
     try:
         return optimise(
             unit, roundings, [q.quant.scale for q in acts], x_q, x_fp, y_fp, s, generator, masks,
-            reconstruction_loss, progress, desc,
+            reconstruction_loss, progress, desc, trace=trace,
         )  # fmt: skip
     finally:
         for q in acts:
@@ -170,6 +173,7 @@ def optimise(
     desc: str = "",
     *,
     gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    trace: UnitTrace | None = None,
 ) -> ReconResult:
     """The reconstruction loop shared by the CNN units and the ViT blocks.
 
@@ -177,8 +181,9 @@ def optimise(
     steps `act_scales` so that `loss_fn(unit(input), y_fp)` falls; the input is a minibatch of `x_q`
     mixed elementwise with `x_fp` by `masks` (QDrop; None = no mix). `gather(t, idx)` takes a
     minibatch of rows; the default reads 4-D tensors stored as `_to_nhwc` leaves them (CNN units);
-    callers whose tensors are stored as the unit takes them pass `index_rows`. On return the rounding
-    is hard and nothing is trainable.
+    callers whose tensors are stored as the unit takes them pass `index_rows`. `trace` records each
+    iteration's gradient norms of the roundings, weight steps and activation steps. On return the
+    rounding is hard and nothing is trainable.
     """
     scale_groups = [(list(act_scales), s.lr_act)]
     if s.learn_wscale:
@@ -187,6 +192,11 @@ def optimise(
     opt_scale = LoopAdam(scale_groups) if any(ps for ps, _ in scale_groups) else None
 
     history = torch.zeros(s.iters, device=x_q.device)
+    if trace is not None:
+        groups = {"rounding": [r.alpha for r in roundings], "act_step": list(act_scales)}
+        if s.learn_wscale:
+            groups["weight_step"] = [r.scale for r in roundings]
+        trace.bind(groups, s.iters, x_q.device)
     steps = range(s.iters)
     if progress:
         from tqdm.auto import tqdm
@@ -209,6 +219,7 @@ def optimise(
             loss_fn,
             history,
             gather or _gather,
+            trace,
         )
     elapsed = time.perf_counter() - start
 
@@ -222,7 +233,7 @@ def optimise(
 
 def _train(
     unit, steps, x_q, x_fp, y_fp, s, generator, masks, roundings, opt_alpha, opt_scale, loss_fn, history,
-    gather,
+    gather, trace,
 ) -> None:  # fmt: skip
     """The optimisation loop of `optimise` (no host reads inside).
 
@@ -249,6 +260,12 @@ def _train(
             if o is not None:
                 o.zero_grad()
         loss.backward()
+        if trace is not None:
+            reg_grads = None
+            if i >= warm and roundings and s.round_weight:  # the regulariser's share, to tell it apart
+                reg = s.round_weight * sum(r.round_loss(beta, reuse=False) for r in roundings)
+                reg_grads = torch.autograd.grad(reg, [r.alpha for r in roundings])
+            trace.record(i, reg_grads)
         if opt_alpha is not None:
             opt_alpha.step()
         if opt_scale is not None:

@@ -19,7 +19,7 @@ def run_dfq(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand() -> None:
     out = run_dfq("--help")
     assert out.returncode == 0
-    for name in ("generate", "quantize", "inspect", "bench"):
+    for name in ("generate", "quantize", "inspect", "bench", "export"):
         assert name in COMMANDS
         assert name in out.stdout
 

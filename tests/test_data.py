@@ -15,6 +15,7 @@ from quant.data import (
     CIFAR10_CLASSES,
     augment_calibration,
     build_transform,
+    iter_labelled,
     load_calibration,
     noise_calibration,
     open_dataset,
@@ -117,6 +118,26 @@ def test_tar_source_sorted_names(tmp_path: Path) -> None:
     assert torch.equal(calib, again)
     with pytest.raises(QuantError, match="asked for 25 calibration images but .* has only 24"):
         load_calibration(str(path), build_transform(IDENT_CFG), 25)
+
+
+def test_iter_labelled_takes_load_calibrations_images_with_labels_and_records(tmp_path: Path) -> None:
+    """Pools: the first n with `.cls` and the record; other sources: the same seeded draw as
+    `load_calibration`, with the source's labels; asking for more than there are gives them all."""
+    tf = build_transform(IDENT_CFG)
+    pool = write_pool(tmp_path / "pool", num_samples=10, shard_size=4)
+    items = list(iter_labelled(str(pool), tf, 6))
+    assert [(_value(x), y, r["index"]) for x, y, r in items] == [(i, i, i) for i in range(6)]
+    assert len(list(iter_labelled(str(pool), tf, None))) == 10 == len(list(iter_labelled(str(pool), tf, 50)))
+
+    path = tmp_path / "x.tar"
+    _write_tar(path, ["zebra", "ant"], 12)
+    drawn = list(iter_labelled(str(path), tf, 5, seed=3))
+    assert torch.equal(torch.stack([x for x, _, _ in drawn]), load_calibration(str(path), tf, 5, seed=3))
+    assert all(r is None and y == (0 if _value(x) >= 20 else 1) for x, y, r in drawn)  # zebra = 20 + i
+    everything = list(iter_labelled(str(path), tf, 100, seed=3))
+    assert sorted(_value(x) for x, _, _ in everything) == sorted([*range(12), *range(20, 32)])
+    with pytest.raises(QuantError, match="must be >= 1"):
+        next(iter_labelled(str(path), tf, 0))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -186,9 +186,10 @@ def test_save_load_round_trip_gives_identical_logits(monkeypatch, resnet20: nn.M
     seen = []
     real = models.load_model
 
-    def build(name, checkpoint=None, num_classes=None):
-        seen.append({"model": name, "checkpoint": checkpoint, "num_classes": num_classes})
-        return real(name, checkpoint=checkpoint, num_classes=num_classes)  # fresh random weights
+    def build(spec, checkpoint=None, num_classes=None, preprocess=None):
+        seen.append({"model": spec, "checkpoint": checkpoint, "num_classes": num_classes})
+        assert preprocess is None  # a spec without "preprocess": the model's own config
+        return real(spec, checkpoint=checkpoint, num_classes=num_classes)  # fresh random weights
 
     monkeypatch.setattr(models, "load_model", build)
     loaded = quant.load(path)  # the float model rebuilt from the spec: everything must come from the file
@@ -311,9 +312,9 @@ def test_dispatch_on_the_model(monkeypatch, resnet20: nn.Module) -> None:
     calls = []
     real = api.quantize_cnn
 
-    def spy(model, calib, settings, progress):
+    def spy(model, calib, settings, progress, trace=None):
         calls.append(settings)
-        return real(model, calib, CNNSettings(method="rtn"), progress)  # not 20k iterations a unit
+        return real(model, calib, CNNSettings(method="rtn"), progress, trace)  # not 20k iterations a unit
 
     monkeypatch.setattr(api, "quantize_cnn", spy)
     q = quant.quantize(resnet20, _calib(4))
@@ -437,7 +438,10 @@ def test_cli_quantizes_a_vit_and_saves_what_it_evaluated(monkeypatch, tmp_path) 
     run_model = evaluated[-1]  # evaluated against the float model, which was evaluated first
     assert isinstance(run_model, quant.QuantizedModel) and len(evaluated) == 2
     loaded = quant.load(out / "quantized.pt")
-    assert loaded.model_spec == VIT_SPEC and loaded.settings == run_model.settings
+    preprocess = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0}
+    preprocess["interpolation"] = "bilinear"  # the run's own, so a rebuild needs no flags
+    assert loaded.model_spec == {**VIT_SPEC, "preprocess": preprocess}
+    assert loaded.settings == run_model.settings
     assert loaded.settings.calib_size == 8
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantError
+from ..grad_trace import GradNormTrace
 from ..methods import DEFAULT_METHOD, TRANSFORMER, fill_preset
 from ..modules import QuantConv2d
 from ..quantizers import check_bits, check_calibration, check_device, grid_from_range
@@ -123,11 +124,15 @@ def _fix_input_grids(qmodel: nn.Module, value_range: tuple[float, float]) -> Non
 
 @torch.no_grad()
 def quantize_transformer(
-    model: nn.Module, calib: torch.Tensor, settings: TransformerSettings, progress: bool = False
+    model: nn.Module,
+    calib: torch.Tensor,
+    settings: TransformerSettings,
+    progress: bool = False,
+    trace: GradNormTrace | None = None,
 ) -> tuple[nn.Module, dict[str, ReconResult], float]:
     """A fake-quantized copy of a transformer calibrated on `calib` (the first `calib_size` images;
     reconstruction, if any, reads all), its per-block reconstruction results, and the seconds steps
-    1-3 took. `model` itself is not modified."""
+    1-3 took; `trace` gets each reconstructed block's gradient norms. `model` itself is not modified."""
     check_calibration(calib)
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -152,7 +157,7 @@ def quantize_transformer(
         recon = ReconSettings(iters=settings.iters, round_weight=1.0)  # Genie-M's published values
         generator = torch.Generator(device=device).manual_seed(settings.seed)
         results = reconstruct_vit(
-            qmodel, calib.to(device), recon, generator, progress, start_weights=gptq_weights
+            qmodel, calib.to(device), recon, generator, progress, start_weights=gptq_weights, trace=trace
         )
     return qmodel, results, seconds
 

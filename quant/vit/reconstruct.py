@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.models.vision_transformer import EncoderBlock
 
 from ..capture import walk_units
+from ..grad_trace import GradNormTrace, UnitTrace
 from ..modules import MaskPool, QuantLinear
 from ..quantizers import AdaRoundQuantizer
 from ..reconstruct import ReconResult, ReconSettings, index_rows, optimise
@@ -76,6 +77,7 @@ def reconstruct_vit(
     progress: bool = False,
     chain: bool = True,
     start_weights: dict[str, torch.Tensor] | None = None,
+    trace: GradNormTrace | None = None,
 ) -> dict[str, ReconResult]:
     """Reconstruct every transformer block of the quantized `qmodel` in place, in order.
 
@@ -86,7 +88,8 @@ def reconstruct_vit(
 
     A block fed straight by the previous one (the next entry of the same `nn.Sequential`) takes its
     inputs from that block's outputs (`quant.capture.walk_units`); `chain=False` captures every
-    block's inputs through the model (the reference the chained path is tested against).
+    block's inputs through the model (the reference the chained path is tested against). `trace`
+    gets each block's gradient norms (`quant.grad_trace`).
     """
     results: dict[str, ReconResult] = {}
     blocks = transformer_blocks(qmodel)
@@ -101,6 +104,7 @@ def reconstruct_vit(
         results[name] = reconstruct_block(
             step.unit, step.x_q, step.x_fp, step.y_fp, settings, generator, progress,
             desc=f"[{step.index + 1}/{len(blocks)}] {name}", start_weights=starts,
+            trace=trace.unit(name) if trace is not None else None,
         )  # fmt: skip
     return results
 
@@ -140,11 +144,12 @@ def reconstruct_block(
     progress: bool = False,
     desc: str = "",
     start_weights: dict[str, torch.Tensor] | None = None,
+    trace: UnitTrace | None = None,
 ) -> ReconResult:
     """One block: learned rounding + steps; on return the rounding is hard and nothing is trainable.
 
     `start_weights` ({name within the block: weight}) initialises those Linears' rounding (see
-    `reconstruct_vit`)."""
+    `reconstruct_vit`); `trace` records the gradient norms."""
     s = settings
     start_weights = start_weights or {}
     linears = [
@@ -172,5 +177,5 @@ def reconstruct_block(
     masks = MaskPool(s.drop_prob, generator, x_q.device) if s.drop_prob > 0 else None
     return optimise(
         block, roundings, [q.scale for q in acts], x_q, x_fp, y_fp, s, generator, masks, _block_loss,
-        progress, desc, gather=index_rows,
+        progress, desc, gather=index_rows, trace=trace,
     )  # fmt: skip

@@ -1,0 +1,58 @@
+"""benchmarks.generator_compare: the tiny form generates a pool with each generator through the engine,
+quantizes it and writes rows keyed by pool seed and variant, and a summary with the mean over pools."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import generator_compare, report
+from benchmarks.errors import BenchmarkError
+
+
+def _main(argv: list[str]) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return generator_compare.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_tiny_form_rows_per_pool_and_generator(ray_local, tmp_path) -> None:
+    argv = ["--tiny", "--results", str(tmp_path), "--pool-seeds", "0,1", "--bits", "W4A4", "--threads", "1"]
+    assert _main(argv) == 0
+    rows = [r for r in json.loads((tmp_path / "accuracy.json").read_text()) if r["method"] != "fp32"]
+    assert {(r["calib"], r["pool_seed"]) for r in rows} == {
+        (g, s) for g in ("bn-distill", "enhancing-dfq") for s in (0, 1)
+    }
+    for row in rows:
+        assert not [f for f in report.ROW_FIELDS if f not in row]
+        assert row["gen_seconds"] > 0 and row["variant"] == "default" and row["method"] == "genie-m"
+    summary = json.loads((tmp_path / "generators.json").read_text())["rows"]
+    assert {s["generator"] for s in summary} == {"bn-distill", "enhancing-dfq"}
+    for s in summary:
+        assert s["pools"] == 2 and s["top1_min"] <= s["top1_mean"] <= s["top1_max"]
+    assert "| enhancing-dfq | default |" in (tmp_path / "generators.md").read_text()
+
+
+def test_rows_of_different_pools_do_not_replace_each_other(tmp_path) -> None:
+    base = dict(model="m", dataset="d", wbits=4, abits=4, calib="enhancing-dfq", method="genie-m", top1=1.0,
+                iters=2, n_calib=8, variant="default", gen_iterations=4)  # fmt: skip
+    rows = [report.make_row(**base, pool_seed=s) for s in (0, 1)]
+    merged = report.merge_rows(tmp_path / "accuracy.json", rows)
+    assert len(merged) == 2
+
+
+def test_overrides_and_bad_input() -> None:
+    assert generator_compare.parse_overrides("mixer=false,sim_weight=0.5,iterations=10,layers=a") == {
+        "mixer": False, "sim_weight": 0.5, "iterations": 10, "layers": "a",
+    }  # fmt: skip
+    with pytest.raises(BenchmarkError, match="not key=value"):
+        generator_compare.parse_overrides("mixer")
+    with pytest.raises(BenchmarkError, match="'gan'"):
+        _main(["--tiny", "--generators", "gan"])
+    with pytest.raises(BenchmarkError, match="no BatchNorm"):
+        _main(["--model", "cifar10_vit", "--generators", "bn-distill"])

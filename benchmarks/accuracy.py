@@ -113,15 +113,20 @@ def calibration(
 
 
 # ------------------------------------------------------------------------------------------ runs
-def quantize_and_evaluate(model, calib: torch.Tensor, config, evals: dict, progress: bool = True) -> tuple:
+def quantize_and_evaluate(
+    model, calib: torch.Tensor, config, evals: dict, progress: bool = True, start=None
+) -> tuple:
     """(seconds for calibration + reconstruction, {eval name: evaluate() result}, quantized model).
 
-    The scores carry the fidelity to `model` (evaluate's 'agree' and 'kl'), which rows_for records."""
+    The scores carry the fidelity to `model` (evaluate's 'agree' and 'kl'), which rows_for records;
+    `start` is a distill method's start (`quant.quantize`)."""
     import quant
     from quant.evaluate import evaluate
 
     t0 = time.perf_counter()
-    qmodel = quant.quantize(model, calib, config, progress=progress)
+    qmodel = quant.quantize(
+        model, calib, config, progress=progress, **({"start": start} if start is not None else {})
+    )
     seconds = time.perf_counter() - t0
     scores = {name: evaluate(qmodel, data, progress=False, reference=model) for name, data in evals.items()}
     return seconds, scores, qmodel

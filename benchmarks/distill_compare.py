@@ -6,7 +6,9 @@ one accuracy.json row per evaluation set (fields as `dfq bench accuracy`'s, benc
 plus `seed` and, for kd/nipq, `init`, `init_iters`, `steps`, `epochs`, `batch_size`, `lr`, `symreg`,
 `satnl`, `flip_crop`; a kd/nipq row's `iters` is its training steps). The methods see the same images:
 the source's first `--n-calib` (the real draw, a pool's manifest order), which kd/nipq read as a
-stream of `--batch-size` batches (`quant.stream`).
+stream of `--batch-size` batches (`quant.stream`); genie-m reconstructs on them and `--augment N - 1`
+flipped/shifted copies. With `--init genie-m`, kd and nipq train the genie-m row's model of the same
+bits and seed (`quant.quantize(start=)`), and their `seconds` include its reconstruction.
 
 `--tiny` is the CI form: a random ResNet-20, random tensors, two steps each; rows into a temp dir (or
 `--results`); it checks the machinery, not accuracy.
@@ -62,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=2000,
         help="genie-m reconstruction iterations a block, for the genie-m rows and --init genie-m (default 2000)",
+    )
+    p.add_argument(
+        "--augment",
+        type=positive_int,
+        default=1,
+        help="genie-m reconstructs on the images + N-1 flipped/shifted copies (default 1: none)",
     )
     p.add_argument("--symreg", type=nonnegative_float, default=0.0, help="kd/nipq SymReg weight (default 0)")
     p.add_argument("--satnl", action="store_true", help="kd/nipq with saturating nonlinearities")
@@ -120,19 +128,38 @@ def run_grid(
     fp = accuracy.fp_scores(model, evals)
     rows = accuracy.fp_rows(model_name, fp)
     report.write_accuracy(Path(args.results), rows)
-    for label, calib in sources:
+    from quant.data import augment_calibration
+
+    reuse = args.init == "genie-m" and "genie-m" in methods
+    order = sorted(methods, key=lambda m: m != "genie-m")  # genie-m first: its model starts kd / nipq
+    for label, calib, pool in sources:
         n = int(calib.shape[0])
+        copies = augment_calibration(calib, args.augment, seed=0) if args.augment > 1 else calib
         for name in bits:
             wbits, abits = BITS[name]
-            for method in methods:
-                for seed in args.seeds:
+            for seed in args.seeds:
+                start, start_seconds = None, 0.0
+                for method in order:
                     settings = settings_for(method, wbits, abits, seed, args)
-                    seconds, scores, _ = accuracy.quantize_and_evaluate(
-                        model, calib, settings, evals, progress=not args.tiny
+                    genie = method == "genie-m"
+                    seconds, scores, qmodel = accuracy.quantize_and_evaluate(
+                        model, copies if genie else calib, settings, evals, progress=not args.tiny,
+                        start=None if genie else start,
+                    )  # fmt: skip
+                    if genie and reuse:
+                        start, start_seconds = qmodel, seconds
+                    extra = (
+                        {"augment": args.augment}
+                        if genie
+                        else {"init_augment": args.augment}
+                        if start
+                        else {}
                     )
+                    if start is not None and not genie:
+                        seconds += start_seconds  # the reconstruction it started from is part of its cost
                     new = accuracy.rows_for(
                         model_name, fp, scores, wbits=wbits, abits=abits, calib=label, method=method,
-                        n_calib=n, seconds=round(seconds, 1), seed=seed, **row_fields(settings, n),
+                        n_calib=n, seconds=round(seconds, 1), seed=seed, **row_fields(settings, n), **extra, **pool,
                     )  # fmt: skip
                     rows += new
                     report.write_accuracy(Path(args.results), rows)
@@ -159,9 +186,10 @@ def run(args: argparse.Namespace) -> int:
     transform = build_transform(data_config)
     evals = accuracy.eval_sets(family, assets, data_config, transform, args.evals.split(","))
     sources = [
-        accuracy.calibration(kind, family, assets, data_config, transform, args.n_calib, 0)
+        (*accuracy.calibration(kind, family, assets, data_config, transform, args.n_calib, 0),
+         report.pool_fields(kind.split("=", 1)[-1]))
         for kind in args.calib.split(",")
-    ]
+    ]  # fmt: skip
     run_grid(args.model, model, evals, sources, bits, methods, args)
     print(Path(args.results) / "accuracy.md")
     return 0
@@ -175,7 +203,7 @@ def _run_tiny(args: argparse.Namespace, bits: list[str], methods: list[str]) -> 
     if args.results == "benchmarks/results":
         args.results = tempfile.mkdtemp(prefix="dfq-distill-")
     run_grid(
-        "cifar_resnet20-random", model, {"random-32": (images[:32], labels[:32])}, [("noise", images[32:])],
+        "cifar_resnet20-random", model, {"random-32": (images[:32], labels[:32])}, [("noise", images[32:], {})],
         bits, methods, args,
     )  # fmt: skip
     print(Path(args.results) / "accuracy.json")

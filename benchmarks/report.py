@@ -31,8 +31,8 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, the run
     seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid, head rotation,
-    calibration batch size, for generated pools their engine seed, variant and training length, and a
-    kd/nipq row's training options."""
+    calibration batch size, for generated pools their engine seed, variant and training length, a
+    kd/nipq row's training options, and the augmented copies reconstruction read."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
@@ -46,12 +46,13 @@ def row_key(row: dict) -> tuple:
         row.get("variant"),
         row.get("gen_iterations"),
         distill_options(row),
+        row.get("augment") or 1,
     )
 
 
 def distill_options(row: dict) -> tuple | None:
     """A kd/nipq row's training options that change the result: where it started (and the start's
-    reconstruction budget), the batch, the weight rate, SymReg, SatNL and the flip/crop draws."""
+    reconstruction budget and copies), the batch, the weight rate, SymReg, SatNL and the flip/crop draws."""
     if row.get("method") not in DISTILL_METHODS:
         return None
     return (
@@ -62,6 +63,7 @@ def distill_options(row: dict) -> tuple | None:
         row.get("symreg") or 0.0,
         bool(row.get("satnl")),
         row.get("flip_crop", True),
+        row.get("init_augment") or 1,
     )
 
 
@@ -263,3 +265,15 @@ def write_accuracy(results_dir: Path, rows: list[dict]) -> list[dict]:
     (results_dir / "accuracy.md").write_text(accuracy_markdown(merged) + "\n")
     plot_accuracy(merged, results_dir / "accuracy.png")
     return merged
+
+
+def pool_fields(source: object) -> dict:
+    """`pool_seed` (the engine seed in a dfq pool's manifest) for a pool source, so rows of several
+    pools of one generator stay apart; nothing for other sources."""
+    if not isinstance(source, (str, os.PathLike)) or source in ("real", "noise"):
+        return {}
+    manifest = Path(source) / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    seed = json.loads(manifest.read_text()).get("config", {}).get("seed")
+    return {} if seed is None else {"pool_seed": seed}

@@ -35,7 +35,7 @@ from benchmarks.argtypes import positive_int
 from benchmarks.errors import BenchmarkError
 
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
-KEY = ("tool", "calib", "model", "dataset", "wbits", "abits", "n_calib")
+KEY = ("tool", "calib", "model", "dataset", "wbits", "abits", "n_calib", "pool_seed")
 SPLITS = {"lossless": "cifar10-lossless-1017", "jpeg": "cifar10-jpeg-7959"}
 VIT = "cifar10_vit"
 
@@ -192,7 +192,7 @@ def row_key(row: dict) -> tuple:
 
 
 def make_row(**fields) -> dict:
-    row = {"device": report.device_string(), "date": report.today(), **fields}
+    row = {"device": report.device_string(), "date": report.today(), "pool_seed": None, **fields}
     missing = [k for k in (*KEY, "top1", "fp_agree", "seconds") if k not in row]
     if missing:
         raise ValueError(f"row lacks {missing}")
@@ -232,11 +232,14 @@ def tools_markdown(rows: list[dict]) -> str:
         out += [f"## {model} on {dataset}", ""]
         if fp is not None:
             out += [f"fp32 top-1 {fp['top1']:.2f} ({fp['n_eval']} images).", ""]
-        out += ["| tool | calib | bits | n_calib | top-1 | Δ fp32 | agree | seconds | device | date |"]
-        out += ["|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["| tool | calib | pool | bits | n_calib | top-1 | Δ fp32 | agree | seconds | device | date |"]
+        out += ["|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(
-            rs, key=lambda r: (r["tool"] != "fp32", r["tool"], r["calib"], -r["wbits"], -r["abits"])
-        ):
+            rs,
+            key=lambda r: (
+                r["tool"] != "fp32", r["tool"], r["calib"], -r["wbits"], -r["abits"], r.get("pool_seed") or 0
+            ),
+        ):  # fmt: skip
             if r["tool"] == "fp32":
                 continue
             secs = "" if r.get("seconds") is None else f"{r['seconds']:.1f}"
@@ -247,7 +250,7 @@ def tools_markdown(rows: list[dict]) -> str:
                 delta = "" if fp is None else f"{r['top1'] - fp['top1']:+.2f}"
                 cells = f"{r['top1']:.2f} | {delta} | {r['fp_agree']:.2f}"
             out.append(
-                f"| {r['tool']} | {r['calib']} | {_bits(r)} | {r['n_calib']} | {cells} | {secs} "
+                f"| {r['tool']} | {r['calib']} | {'' if r.get('pool_seed') is None else r['pool_seed']} | {_bits(r)} | {r['n_calib']} | {cells} | {secs} "
                 f"| {r['device']} | {r['date']} |"
             )
         out.append("")
@@ -255,7 +258,8 @@ def tools_markdown(rows: list[dict]) -> str:
 
 
 def plot_tools(rows: list[dict], path: Path) -> bool:
-    """Grouped bars per (model, dataset): top-1 of each tool (W8A8) per calibration source, fp32 dashed."""
+    """Grouped bars per (model, dataset): top-1 of each tool (W8A8) per calibration source (the mean over
+    its pools), fp32 dashed."""
     try:
         import matplotlib
 
@@ -275,7 +279,11 @@ def plot_tools(rows: list[dict], path: Path) -> bool:
         tools = sorted({r["tool"] for r in ok})
         width = 0.8 / max(1, len(tools))
         for j, tool in enumerate(tools):
-            top1 = {r["calib"]: r["top1"] for r in ok if r["tool"] == tool}
+            by_calib: dict[str, list[float]] = {}
+            for r in ok:
+                if r["tool"] == tool:
+                    by_calib.setdefault(r["calib"], []).append(r["top1"])
+            top1 = {c: sum(v) / len(v) for c, v in by_calib.items()}  # the mean over pools
             xs = [i for i, c in enumerate(calibs) if c in top1]
             ax.bar([x + j * width for x in xs], [top1[calibs[x]] for x in xs], width, label=tool)
         for r in rs:
@@ -447,7 +455,9 @@ def run(args: argparse.Namespace) -> int:
         raise BenchmarkError("give at least one --eval NAME=SOURCE")
     model, data_config = build_model(args.model, args.checkpoint)
     transform = build_transform(data_config)
-    calibs = [(label, source, {}) for label, source in calibration_sources(args, transform)]
+    calibs = [
+        (label, source, report.pool_fields(source)) for label, source in calibration_sources(args, transform)
+    ]
     calibs += mct_datagen_sources(args.mct_datagen, model, data_config, args.n_calib, args.mct_datagen_iters)
     if not calibs:
         raise BenchmarkError("give at least one --calib NAME=SOURCE or --mct-datagen")

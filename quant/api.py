@@ -50,8 +50,8 @@ def _families() -> dict[str, Family]:
         qmodel, results = quantize_cnn(model, calib, s, progress, trace)
         return qmodel, results, None
 
-    def distill(model: nn.Module, calib: Any, s: Any, progress: bool, trace=None) -> tuple:
-        return quantize_distill(model, model_family(model), calib, s, progress, trace)
+    def distill(model: nn.Module, calib: Any, s: Any, progress: bool, trace=None, start_from=None) -> tuple:
+        return quantize_distill(model, model_family(model), calib, s, progress, trace, start_from)
 
     def rebuild(model: nn.Module, s: Any, input_shape: tuple[int, ...]) -> nn.Module:
         return rebuild_distill(model, model_family(model), s, input_shape)
@@ -165,6 +165,7 @@ def quantize(
     model_spec: dict | None = None,
     progress: bool = False,
     trace_grad_norm: bool = False,
+    start: QuantizedModel | None = None,
 ) -> QuantizedModel:
     """Quantize a copy of `model`, calibrated on `calib` (N, C, H, W images, preprocessed; the
     distill methods also take a Dataset of (image, label) pairs, which they stream).
@@ -176,7 +177,10 @@ def quantize(
     gradient norms of the quantization parameters in every reconstructed unit (for `kd` / `nipq`,
     those of the reconstruction they start from)
     (`QuantizedModel.grad_norm`, the dict `quant.grad_trace.save_trace` writes); the result is the
-    same with or without it. `model` itself is not modified.
+    same with or without it. `start` (distill methods only): a `QuantizedModel` of `model` at the
+    same bits from the CNN or transformer path (e.g. genie-m), trained instead of a start of
+    `settings.init` made anew, so one reconstruction serves several trainings. `model` itself is
+    not modified.
     """
     if isinstance(calib, torch.Tensor) or not isinstance(calib, Dataset):
         check_calibration(calib)
@@ -198,9 +202,18 @@ def quantize(
         raise QuantError(
             f"method {settings.method!r} calibrates on an image tensor, not a {type(calib).__name__}"
         )
-    start = time.perf_counter()
+    if start is not None:
+        from .distill import check_start
+
+        if name != DISTILL:
+            raise QuantError(f"method {settings.method!r} makes its own start; `start` is for kd / nipq")
+        check_start(settings, start.settings)
+    began = time.perf_counter()
     trace = GradNormTrace() if trace_grad_norm else None
-    qmodel, results, calibration_seconds = paths[name].quantize(model, calib, settings, progress, trace)
+    extra = {} if start is None else {"start_from": start.model}
+    qmodel, results, calibration_seconds = paths[name].quantize(
+        model, calib, settings, progress, trace, **extra
+    )
     return QuantizedModel(
         qmodel,
         settings,
@@ -209,7 +222,7 @@ def quantize(
         model_spec,
         history={n: r.loss for n, r in results.items()},
         seconds_per_iter={n: r.seconds_per_iter for n, r in results.items()},
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - began,
         calibration_seconds=calibration_seconds,
         grad_norm=trace.to_dict() if trace is not None else None,
     ).eval()

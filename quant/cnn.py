@@ -127,9 +127,13 @@ def calibrate_unit(unit: nn.Module, x: torch.Tensor) -> None:
 
 
 def _set_threads(device: torch.device) -> None:
+    """On a CPU, one torch thread per core this process may use, unless OMP_NUM_THREADS says how
+    many (jobs run side by side set it: two threads each on a shared pair of cores run several
+    times slower than one)."""
     if device.type == "cpu":
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, n))
+        given = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(max(1, min(n, int(given)) if given.isdigit() and int(given) > 0 else n))
 
 
 def quantize_cnn(

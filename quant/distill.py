@@ -295,10 +295,13 @@ def quantize_distill(
     settings: DistillSettings,
     progress: bool = False,
     trace: GradNormTrace | None = None,
+    start_from: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, ReconResult], float]:
     """A fake-quantized copy of `model` (a `family` model) trained on `calib` (an image tensor or a
     dataset of preprocessed images, streamed), its loss histories (the start's reconstruction under
-    `init/`), and the seconds the start took. `model` itself is not modified."""
+    `init/`), and the seconds the start took. `start_from`, a quantized tree of `model` from the
+    family's path at the same bits (`check_start`), is copied and trained instead of making the start
+    again. Neither `model` nor `start_from` is modified."""
     s = settings
     s.check_family(family)
     start = time.perf_counter()
@@ -306,7 +309,10 @@ def quantize_distill(
     device = torch.device(s.device)
     stream = ImageStream(calib, s.batch_size, seed=s.seed, flip_crop=s.flip_crop)
     images = first_images(stream.source, s.init_images).to(device)
-    student, init_results = _start(model, family, images, s, progress, trace)
+    if start_from is None:
+        student, init_results = _start(model, family, images, s, progress, trace)
+    else:
+        student, init_results = copy.deepcopy(start_from).to(device), {}
     teacher = copy.deepcopy(student)
     set_quant_state(teacher, False)
     make_trainable(student, s, images)
@@ -318,6 +324,24 @@ def quantize_distill(
     results |= train_student(student, teacher, stream, plan, taps, device, progress, desc=s.method)
     set_quant_state(student, True)
     return student.eval(), results, seconds
+
+
+def check_start(settings: DistillSettings, start_settings: object) -> None:
+    """Refuse a start (`quantize_distill(start_from=)`) whose tree or grids differ from what the
+    settings would build: another path, other bits, another activation placement."""
+    theirs = {k: getattr(start_settings, k, None) for k in ("wbits", "abits", "first_last_bits", "placement")}
+    ours = {"wbits": settings.wbits, "abits": settings.abits, "first_last_bits": settings.first_last_bits}
+    if isinstance(start_settings, CNNSettings):
+        ours["placement"] = settings.placement
+    elif not isinstance(start_settings, TransformerSettings):
+        raise QuantError(f"a {settings.method} start must come from block reconstruction or RepQ-ViT, "
+                         f"not {type(start_settings).__name__}")  # fmt: skip
+    else:
+        theirs.pop("placement")
+    wrong = {k: (v, ours[k]) for k, v in theirs.items() if v != ours[k]}
+    if wrong:
+        diff = ", ".join(f"{k} {a!r} (training: {b!r})" for k, (a, b) in wrong.items())
+        raise QuantError(f"the start was quantized with {diff}")
 
 
 def rebuild_distill(

@@ -390,6 +390,12 @@ def test_bench_distill_tiny_writes_rows(tmp_path) -> None:
     assert kd[0]["seed"] == genie[0]["seed"] == 3 and kd[0]["iters"] == kd[0]["steps"] == 2
     assert (kd[0]["init"], kd[0]["symreg"], kd[0]["wbits"], kd[0]["abits"]) == ("rtn", 0.5, 4, 4)
     assert 0 <= kd[0]["top1"] <= 100 and kd[0]["fp_agree"] is not None
+    # from genie-m: kd trains the genie-m row's model, and its seconds include that reconstruction
+    assert main([*argv, "--seeds", "4", "--augment", "2", "--results", str(tmp_path / "g")]) == 0
+    rows = json.loads((tmp_path / "g" / "accuracy.json").read_text())
+    kd, genie = (next(r for r in rows if r["method"] == m) for m in ("kd", "genie-m"))
+    assert (kd["init"], kd["init_augment"], genie["augment"]) == ("genie-m", 2, 2)
+    assert kd["seconds"] >= genie["seconds"] > 0
 
 
 def test_distill_rows_are_told_apart_by_their_options() -> None:
@@ -403,3 +409,23 @@ def test_distill_rows_are_told_apart_by_their_options() -> None:
         and report.method_label(rtn) == "kd (from rtn)"
     )
     assert report.distill_options(report.make_row(**{**base, "method": "genie-m"})) is None
+
+
+def test_a_given_start_trains_like_a_start_made_anew(toy: nn.Module) -> None:
+    """`quantize(start=)` copies a genie-m model and trains it: the result equals kd's own genie-m
+    start trained the same way; the start is left as it was; a start of other bits is refused."""
+    calib = toy_data(64, 11)[0]
+    s = quant.method_settings("kd", wbits=4, abits=4, init="genie-m", init_iters=3, steps=4, batch_size=16)
+    start = quant.quantize(toy, calib, s.cnn_settings())
+    before = {k: v.clone() for k, v in start.model.state_dict().items()}
+    anew, given = quant.quantize(toy, calib, s), quant.quantize(toy, calib, s, start=start)
+    x = toy_data(32, 12)[0]
+    with torch.no_grad():
+        assert torch.equal(anew(x), given(x))
+        assert not torch.equal(start(x), given(x))  # it trained
+    assert all(torch.equal(v, start.model.state_dict()[k]) for k, v in before.items())
+    other = quant.quantize(toy, calib, quant.CNNSettings(wbits=3, abits=4, method="rtn"))
+    with pytest.raises(QuantError, match="wbits 3"):
+        quant.quantize(toy, calib, s, start=other)
+    with pytest.raises(QuantError, match="kd / nipq"):
+        quant.quantize(toy, calib, s.cnn_settings(), start=start)

@@ -24,7 +24,7 @@ def test_tiny_form_writes_rows_markdown_and_plot(tmp_path) -> None:
         assert (r["wbits"], r["abits"], r["n_calib"], r["dataset"]) == (8, 8, 16, "random-24")
         assert 0 <= r["top1"] <= 100 and 0 <= r["fp_agree"] <= 100 and r["seconds"] > 0
     md = (tmp_path / "tools.md").read_text()
-    assert "## tiny-cnn-random on random-24" in md and "| ort | noise | W8A8 | 16 |" in md
+    assert "## tiny-cnn-random on random-24" in md and "| ort | noise |  | W8A8 | 16 |" in md
     assert (tmp_path / "tools.png").stat().st_size > 0
 
 

@@ -46,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--reference", help="real images to compare with: ImageFolder, tar, .npz, pool (or 'noise')"
     )
     d.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="another set to measure beside POOL against the same reference (repeat): one report ranks them",
+    )
+    d.add_argument(
         "--report",
         help="report directory (default <pool>/report for a local dfq pool, else ./inspect-report)",
     )
@@ -124,12 +131,12 @@ def format_diagnostics(report: dict) -> str:
         return "-" if value is None else f"{value:.4g}"
 
     lines = []
-    fd = report.get("frechet")
-    if fd:
+    for role, fd in (report.get("frechet_of") or {}).items():
         lines.append(
-            f"Fréchet distance to the reference: {num(fd['overall'])} (mean per class {num(fd['mean_per_class'])})"
+            f"{role}: Fréchet distance to the reference {num(fd['overall'])} "
+            f"(mean per class {num(fd['mean_per_class'])})"
         )
-    for role in ("pool", "reference"):
+    for role in report.get("sets") or ("pool", "reference"):
         r = report.get(role)
         if not r:
             continue
@@ -147,12 +154,20 @@ def format_diagnostics(report: dict) -> str:
 
 def run_diagnostics(args: argparse.Namespace) -> int:
     """`dfq inspect POOL --model M`: the pool's diagnostics report (quant.diagnostics)."""
-    from quant.diagnostics import DiagnosticsSettings, diagnose
+    from quant.diagnostics import DiagnosticsSettings, check_roles, diagnose
     from quant.models import load_model
 
     _check_source(args.pool, "POOL")
     if args.reference is not None:
         _check_source(args.reference, "--reference")
+    others = []
+    for text in args.also:
+        name, sep, source = text.partition("=")
+        if not sep or not name or not source:
+            raise UsageError(f"--also {text!r}: give NAME=SOURCE")
+        _check_source(source, f"--also {name}")
+        others.append((name, source))
+    check_roles(others)
     settings = DiagnosticsSettings(
         n_images=args.n_images,
         batch_size=args.batch_size,
@@ -171,6 +186,7 @@ def run_diagnostics(args: argparse.Namespace) -> int:
         report_dir=report_dir,
         model_name=args.model,
         progress=lambda line: print(f"dfq inspect: {line}", file=sys.stderr, flush=True),
+        others=others,
     )
     print(json.dumps(report, indent=1) if args.json else format_diagnostics(report))
     return 0

@@ -21,7 +21,7 @@ writes it as `index.html` (one self-contained page, figures embedded) and `repor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,6 +308,15 @@ class Diagnosis:
     sets: list[FeatureSet]
 
 
+def check_roles(others: Sequence[tuple[str, str]]) -> None:
+    """Names of the extra sets: non-empty, distinct, and neither `pool` nor `reference`."""
+    seen = {"pool", "reference"}
+    for name, _ in others:
+        if not name or name in seen:
+            raise QuantError(f"set name {name!r} is empty or taken (pool, reference and each other name)")
+        seen.add(name)
+
+
 def run_diagnostics(
     model: nn.Module,
     data_config: dict,
@@ -316,14 +325,17 @@ def run_diagnostics(
     settings: DiagnosticsSettings | None = None,
     model_name: str | None = None,
     stage: Callable[[str], None] | None = None,
+    others: Sequence[tuple[str, str]] = (),
 ) -> Diagnosis:
-    """Every statistic of the module doc for `pool` (and `reference`), as a `Diagnosis`; `stage`
-    is called with a line as each stage starts."""
+    """Every statistic of the module doc for `pool` (and `reference`), as a `Diagnosis`; `others`
+    are further (name, source) sets measured the same way beside the pool, so one report ranks
+    several pools against one reference. `stage` is called with a line as each stage starts."""
     s = settings or DiagnosticsSettings()
+    check_roles(others)
     stage = stage or _Stages(0, None)
     model = model.eval().to(s.device)
     num_classes = int(data_config.get("num_classes") or classifier_layer(model).out_features)
-    roles = [("pool", pool)] + ([("reference", reference)] if reference is not None else [])
+    roles = [("pool", pool), *others] + ([("reference", reference)] if reference is not None else [])
     sets = []
     for role, source in roles:
         stage(f"{role}: features of up to {s.n_images} images of {source}")
@@ -336,8 +348,10 @@ def run_diagnostics(
         "num_classes": num_classes,
         "feature_dim": int(sets[0].features.shape[1]),
         "settings": {"n_images": s.n_images, "embed": s.embed, "top_k": s.top_k, "seed": s.seed},
+        "sets": [fs.role for fs in sets],
         "reference": None,
         "frechet": None,
+        "frechet_of": None,
         "embedding": None,
     }
     stage("diversity, prompt fidelity, coverage")
@@ -345,7 +359,9 @@ def run_diagnostics(
         report[fs.role] = set_summary(fs, num_classes, s.top_k)
     if reference is not None:
         stage("Fréchet distance, overall and per class")
-        report["frechet"] = compare_sets(sets[0], sets[1])
+        ref = sets[-1]
+        report["frechet_of"] = {fs.role: compare_sets(fs, ref) for fs in sets[:-1]}
+        report["frechet"] = report["frechet_of"]["pool"]
     if s.embed > 0:
         stage(f"t-SNE of up to {s.embed} images a set")
         report["embedding"] = embed_sets(sets, s.embed, s.seed)
@@ -361,16 +377,18 @@ def diagnose(
     report_dir: str | Path | None = None,
     model_name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    others: Sequence[tuple[str, str]] = (),
 ) -> dict:
-    """The diagnostics report of `pool` (against `reference` real images, if given) as a dict; with
-    `report_dir`, also written there as `index.html` and `report.json` (their paths under `files`).
+    """The diagnostics report of `pool` (against `reference` real images, if given; beside the
+    named `others` sets) as a dict; with `report_dir`, also written there as `index.html` and
+    `report.json` (their paths under `files`).
 
     `model` and `data_config` as `quant.models.load_model` returns them; `progress` gets a line
     per stage."""
     s = settings or DiagnosticsSettings()
     with_ref = reference is not None
-    stages = _Stages(2 + 2 * with_ref + (s.embed > 0) + (report_dir is not None), progress)
-    diagnosis = run_diagnostics(model, data_config, pool, reference, s, model_name, stages)
+    stages = _Stages(2 + len(others) + 2 * with_ref + (s.embed > 0) + (report_dir is not None), progress)
+    diagnosis = run_diagnostics(model, data_config, pool, reference, s, model_name, stages, others)
     if report_dir is not None:
         stages(f"report: figures, {Path(report_dir) / 'index.html'}")
         write_report(diagnosis, Path(report_dir), s.matrix, s.seed)

@@ -19,7 +19,16 @@ if TYPE_CHECKING:
     from .diagnostics import Diagnosis, FeatureSet
 
 COLORS = {"pool": "tab:orange", "reference": "tab:blue"}
+_MORE = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 _SHORT = {"pool": "pool", "reference": "ref"}
+
+
+def _color(role: str, roles: list[str]) -> str:
+    """The pool orange, the reference blue, further sets the next colours in their order."""
+    if role in COLORS:
+        return COLORS[role]
+    extra = [r for r in roles if r not in COLORS]
+    return _MORE[extra.index(role) % len(_MORE)] if role in extra else "k"
 
 
 def _pyplot():
@@ -33,11 +42,12 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> str:
-    """The figure as a base64 PNG (and closed)."""
+def _png(fig, dpi: int = 100) -> str:
+    """The figure as a base64 PNG (and closed); pixel pictures (samples, similarity matrices) pass a
+    lower dpi that draws them near their own size, which keeps the page small."""
     plt = _pyplot()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -57,11 +67,11 @@ def _samples(sets: list[FeatureSet]) -> str | None:
     for fs in shown:
         for i, image in enumerate(fs.thumbnails):
             ax = axes[r + i // cols, i % cols]
-            ax.imshow(image)
+            ax.imshow(image, interpolation="nearest")
             ax.set_title(f"{_SHORT.get(fs.role, fs.role)} {fs.classes[i]}", fontsize=6)
         r += -(-len(fs.thumbnails) // cols)
     fig.tight_layout(pad=0.2)
-    return _png(fig)
+    return _png(fig, dpi=60)
 
 
 def _embedding(report: dict) -> str | None:
@@ -71,15 +81,16 @@ def _embedding(report: dict) -> str | None:
     plt = _pyplot()
     fig, (by_set, by_class) = plt.subplots(1, 2, figsize=(11, 5))
     markers = {"pool": "o", "reference": "x"}
+    roles = list(emb["sets"])
     for role, data in emb["sets"].items():
         xy = np.asarray(data["xy"]).reshape(-1, 2)
-        by_set.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6, c=COLORS.get(role), label=role)
+        by_set.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6, c=_color(role, roles), label=role)
         by_class.scatter(
             xy[:, 0], xy[:, 1], s=8, alpha=0.7, c=np.asarray(data["classes"]) % 20, cmap="tab20",
             marker=markers.get(role, "o"), label=role, linewidths=0.6,
         )  # fmt: skip
-    by_set.set_title("t-SNE of penultimate features: pool vs reference", fontsize=10)
-    by_class.set_title("coloured by class (o pool, x reference)", fontsize=10)
+    by_set.set_title("t-SNE of penultimate features, each set", fontsize=10)
+    by_class.set_title("coloured by class (x reference, o the others)", fontsize=10)
     by_set.legend(fontsize=8, markerscale=2)
     for ax in (by_set, by_class):
         ax.set_xticks([])
@@ -101,7 +112,9 @@ def _similarity(sets: list[FeatureSet], size: int, seed: int) -> str | None:
         classes = fs.classes[idx]
         order = np.argsort(classes, kind="stable")
         sim = cosine_matrix(fs.features[idx][order])
-        image = ax.imshow(sim, vmin=-1 if sim.min() < 0 else 0, vmax=1, cmap="viridis")
+        image = ax.imshow(
+            sim, vmin=-1 if sim.min() < 0 else 0, vmax=1, cmap="viridis", interpolation="nearest"
+        )
         bounds = np.flatnonzero(np.diff(classes[order])) + 0.5
         for b in bounds:
             ax.axhline(b, color="w", lw=0.4)
@@ -110,13 +123,14 @@ def _similarity(sets: list[FeatureSet], size: int, seed: int) -> str | None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=list(axes.flat), shrink=0.9)
-    return _png(fig)
+    return _png(fig, dpi=64)
 
 
 def _per_class(report: dict, roles: list[str]) -> str | None:
     plt = _pyplot()
     panels = [("diversity", "mean pairwise cosine within the class")]
-    if report.get("frechet") and report["frechet"]["per_class"]:
+    frechet = report.get("frechet_of") or ({"pool": report["frechet"]} if report.get("frechet") else {})
+    if any(f["per_class"] for f in frechet.values()):
         panels.append(("frechet", "Fréchet distance to the reference's class"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
     for ax, (what, title) in zip(axes.flat, panels):
@@ -125,11 +139,15 @@ def _per_class(report: dict, roles: list[str]) -> str | None:
             for k, role in enumerate(roles):
                 per = report[role]["diversity"]["per_class"]
                 xs = np.asarray(sorted(per), dtype=float) + (k - (len(roles) - 1) / 2) * width
-                ax.bar(xs, [per[c] for c in sorted(per)], width, color=COLORS.get(role), label=role)
+                ax.bar(xs, [per[c] for c in sorted(per)], width, color=_color(role, roles), label=role)
             ax.legend(fontsize=8)
         else:
-            per = report["frechet"]["per_class"]
-            ax.bar(sorted(per), [per[c] for c in sorted(per)], color=COLORS["pool"])
+            width = 0.8 / len(frechet)
+            for k, (role, f) in enumerate(frechet.items()):
+                per = f["per_class"]
+                xs = np.asarray(sorted(per), dtype=float) + (k - (len(frechet) - 1) / 2) * width
+                ax.bar(xs, [per[c] for c in sorted(per)], width, color=_color(role, roles), label=role)
+            ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("class")
         if report["num_classes"] <= 20:
@@ -148,7 +166,7 @@ def _predictions(report: dict, roles: list[str]) -> str:
         counts = np.asarray(report[role]["prediction_histogram"], dtype=float)
         share = counts / max(counts.sum(), 1.0)
         offset = (k - (len(roles) - 1) / 2) * width if num <= 100 else 0.0
-        ax.bar(np.arange(num) + offset, share, width, color=COLORS.get(role), alpha=0.8, label=role)
+        ax.bar(np.arange(num) + offset, share, width, color=_color(role, roles), alpha=0.8, label=role)
     if num <= 20:
         ax.set_xticks(range(num))
     ax.set_title("predicted classes (share of each set's images)", fontsize=10)
@@ -174,8 +192,11 @@ def _summary_rows(report: dict, roles: list[str]) -> list[tuple[str, list]]:
             value = value.get(key) if isinstance(value, dict) else None
         return value
 
+    frechet = report.get("frechet_of") or {}
     rows = [
         ("source", [get(r, "source") for r in roles]),
+        ("Fréchet distance to the reference", [frechet.get(r, {}).get("overall") for r in roles]),
+        ("... mean over classes", [frechet.get(r, {}).get("mean_per_class") for r in roles]),
         ("images", [get(r, "n") for r in roles]),
         ("classes from", [get(r, "label_source") for r in roles]),
         ("mean pairwise cosine, all (1 = identical)", [get(r, "diversity", "overall") for r in roles]),
@@ -198,10 +219,13 @@ def render_html(diagnosis: Diagnosis, matrix: int, seed: int) -> str:
         table.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in values))
     table.append("</table>")
     fd = report.get("frechet")
+    others = [r for r in roles if r not in ("pool", "reference")]
     headline = (
         f"<p class='big'>Fréchet distance of penultimate features, pool to reference: "
         f"<b>{_fmt(fd['overall'])}</b> (mean over {len(fd['per_class'])} classes: "
-        f"{_fmt(fd['mean_per_class'])})</p>"
+        f"{_fmt(fd['mean_per_class'])})"
+        + "".join(f"; {html.escape(r)}: <b>{_fmt(report['frechet_of'][r]['overall'])}</b>" for r in others)
+        + "</p>"
         if fd
         else "<p>No reference: no Fréchet distance (give real images with --reference).</p>"
     )

@@ -210,6 +210,29 @@ def test_cli_writes_a_self_contained_report(data, tmp_path, capsys) -> None:
     assert len(_embedded_pngs((data["pool"] / "report" / "index.html").read_text())) == 4
 
 
+def test_also_ranks_several_sets_against_one_reference(data, tmp_path, capsys) -> None:
+    """`--also NAME=SOURCE`: each set gets its summary and its distance to the same reference; a set
+    equal to the reference is ~0 from it, noise far; one report shows them all."""
+    out = tmp_path / "several"
+    argv = ["inspect", str(data["pool"]), "--model", MODEL, "--reference", str(data["same"]), "--json"]
+    also = ["--also", f"twin={data['same']}", "--also", f"noisy={data['noise']}", "--also", "gauss=noise"]
+    assert main([*argv, *also, "--report", str(out), "--embed", "20"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sets"] == ["pool", "twin", "noisy", "gauss", "reference"]
+    fd = report["frechet_of"]
+    assert set(fd) == {"pool", "twin", "noisy", "gauss"} and report["frechet"] == fd["pool"]
+    assert fd["twin"]["overall"] == pytest.approx(0.0, abs=1e-6)
+    assert min(fd["noisy"]["overall"], fd["gauss"]["overall"]) > 10 * (fd["twin"]["overall"] + 1e-3)
+    assert report["twin"]["n"] == report["reference"]["n"] and "diversity" in report["gauss"]
+    assert set(report["embedding"]["sets"]) == set(report["sets"])
+    page = (out / "index.html").read_text()
+    assert "noisy: <b>" in page and len(_embedded_pngs(page)) == 5
+    for bad, needle in ((["--also", "pool=noise"], "'pool'"), (["--also", "noise"], "NAME=SOURCE")):
+        assert main([*argv, *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err
+
+
 def test_cli_bad_input_is_one_line(data, tmp_path, capsys) -> None:
     cases = [
         (["inspect", str(data["pool"]), "--reference", str(data["noise"])], "--reference needs --model"),

@@ -42,9 +42,10 @@ from engine.bn_distill_nets import (
     draw_offsets,
     strided_convs,
 )
-from engine.bn_distill_settings import DEFAULT_LR, LOSS_FORMS, METHODS, BNDistillSettings
+from engine.bn_distill_settings import DEFAULT_LR, LOSS_FORMS, MARGINALS, METHODS, BNDistillSettings
 from engine.classifier import Classifier
 from engine.errors import EngineError
+from engine.pixel_marginal import gaussian_marginal
 from engine.records import sample_record
 from engine.seeds import BN_BATCH, BN_CLASSES, BN_SAMPLE
 
@@ -109,6 +110,8 @@ class BNDistillGenerator:
         swing: jitter the input of strided convs per sample (Genie-D's swing convolution).
         bn_loss: "mse" (Genie-D: mean squared error of each layer's channel statistics) or "norm"
             (ZeroQ: unsquared norms); see `stats_distance`.
+        marginal: "none" (the optimised pixels) or "gauss" (each written image's channels given the
+            normalization's Gaussian marginal, `engine.pixel_marginal`).
     """
 
     def __init__(
@@ -131,12 +134,16 @@ class BNDistillGenerator:
         vocab: str | None = None,
         swing: bool = True,
         bn_loss: str = "mse",
+        marginal: str = "none",
     ) -> None:
         _check_args(
             input_size, mean, std, num_classes, iters, lr, batch_size, k, method, ce_weight, class_names,
             bn_loss,
         )  # fmt: skip
+        if marginal not in MARGINALS:
+            raise EngineError(f"unknown pixel marginal {marginal!r}; choose one of {', '.join(MARGINALS)}")
         self.bn_loss = bn_loss
+        self.marginal = marginal
         self.model_factory = model_factory
         self.input_size = tuple(int(v) for v in input_size)
         self.mean = tuple(float(v) for v in mean)
@@ -229,7 +236,8 @@ class BNDistillGenerator:
                 if self.method == "pixels":
                     self._clamp_pixels(params[0]["params"][0])
                 curve[it] = bn_loss.detach()
-        images = self._to_uint8(x.detach())
+        x = gaussian_marginal(x.detach()) if self.marginal == "gauss" else x.detach()
+        images = self._to_uint8(x)
         self._record(indices, curve, images, time.perf_counter() - tick)
         return [Image.fromarray(a, "RGB") for a in images.permute(0, 2, 3, 1).cpu().numpy()]
 
@@ -448,4 +456,5 @@ def from_config(
         vocab=cfg.vocab,
         swing=s.swing,
         bn_loss=s.bn_loss,
+        marginal=s.marginal,
     )

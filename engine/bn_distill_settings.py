@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from engine.config import GenerateConfig
 
 METHODS = ("generator", "pixels")
+#: pixel marginals of the written images (engine.pixel_marginal)
+MARGINALS = ("none", "gauss")
 LOSS_FORMS = ("mse", "norm")
 #: Learning rate of the latents (the decoder's is a tenth of it) or of the pixels.
 DEFAULT_LR = {"generator": 0.1, "pixels": 0.1}
@@ -55,6 +57,12 @@ class BNDistillSettings(GeneratorSettings):
     swing: bool = setting(
         True, Flag(), "jitter strided convolutions' inputs (Genie-D's swing conv; default on)",
         flag="--distill-swing",
+    )  # fmt: skip
+    marginal: str = setting(
+        "none", Choice(MARGINALS),
+        "pixel marginal of the written images: as optimised (none), or each image's channels mapped "
+        "to the normalization's Gaussian (gauss: full pixel range, for other tools' min/max calibrators)",
+        flag="--distill-marginal", added=True,
     )  # fmt: skip
     batch_size: int | None = setting(
         None, Int(1), "images optimised jointly (default: --batch-size)", cli=False

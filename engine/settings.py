@@ -151,11 +151,16 @@ Kind = Int | Float | Text | Choice | Flag | Size
 # ---------------------------------------------------------------------------------- fields
 def setting(
     default: Any, kind: Kind, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (),
-    content: bool = True, cli: bool = True,
+    content: bool = True, cli: bool = True, added: bool = False,
 ) -> Any:  # fmt: skip
     """A settings field. `flag` defaults to `--<name>` (underscores as dashes); `aliases` are older
-    flags that still work; `cli=False` keeps it off the command line (set through another option)."""
-    meta = {"kind": kind, "help": help, "flag": flag, "aliases": aliases, "content": content, "cli": cli}
+    flags that still work; `cli=False` keeps it off the command line (set through another option).
+    `added=True` marks a content setting that came after pools were made: at its default it stays
+    out of the content (and the hash), so those pools still resume."""
+    meta = {
+        "kind": kind, "help": help, "flag": flag, "aliases": aliases, "content": content, "cli": cli,
+        "added": added,
+    }  # fmt: skip
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -235,6 +240,7 @@ class GeneratorSettings:
             f.name: _json(getattr(self, f.name))
             for f in dataclasses.fields(self)
             if f.metadata.get("content", True)
+            and not (f.metadata.get("added") and getattr(self, f.name) == f.default)
         }
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,7 @@ def test_shift_per_sample_is_a_reflect_padded_crop() -> None:
         (dict(mean=(0.5,)), "mean and std"),
         (dict(class_names=["a"]), "class_names"),
         (dict(bn_loss="l1"), "unknown bn-distill loss 'l1'"),
+        (dict(marginal="uniform"), "unknown pixel marginal 'uniform'"),
     ],
 )
 def test_bad_args_raise_one_line(kw: dict, words: str) -> None:
@@ -232,3 +234,37 @@ def test_generator_schedule_is_genie_d() -> None:
         decay(it)
     latents, decoder = opt.param_groups
     assert latents["lr"] == 0.1 and decoder["lr"] == pytest.approx(0.01 * 0.95**2)
+
+
+def test_gaussian_marginal_keeps_order_and_spans_the_pixel_range() -> None:
+    """`marginal="gauss"`: each image's channels become the normalization's Gaussian (mean 0, std 1
+    in normalized units, clipped to [0, 255] when written), in the same pixel order as without;
+    the optimised images span far less of the range."""
+    from engine.pixel_marginal import gaussian_marginal
+
+    x = torch.rand(3, 2, 16, 16) * 0.2 + torch.arange(3.0).view(3, 1, 1, 1)
+    y = gaussian_marginal(x)
+    assert torch.equal(x.flatten(2).argsort(dim=2), y.flatten(2).argsort(dim=2))
+    assert torch.allclose(y.mean(dim=(2, 3)), torch.zeros(3, 2), atol=1e-5)
+    assert torch.allclose(y.std(dim=(2, 3)), torch.ones(3, 2), atol=0.02)
+    plain = [np.asarray(img) for img, _ in make(iters=5).generate([0, 1, 2, 3])]
+    gauss = [np.asarray(img) for img, _ in make(iters=5, marginal="gauss").generate([0, 1, 2, 3])]
+    for p, g in zip(plain, gauss):
+        spread = lambda a: int(a.max()) - int(a.min())  # noqa: E731
+        assert spread(g) > spread(p) and spread(g) >= 250
+        for c in range(3):  # a darker pixel stays no brighter
+            pc, gc = p[..., c].ravel(), g[..., c].ravel()
+            levels = np.unique(pc)
+            lows, highs = [gc[pc == v].min() for v in levels], [gc[pc == v].max() for v in levels]
+            assert all(h <= lo for h, lo in zip(highs[:-1], lows[1:]))
+
+
+def test_a_setting_added_later_keeps_older_pools_resumable() -> None:
+    """`marginal` came after pools were made: at its default it stays out of the content (so an
+    older pool's hash is unchanged); set, it is part of it."""
+    from engine.bn_distill_settings import BNDistillSettings
+
+    old = {"iterations": 400, "method": "generator", "lr": 0.1, "bn_loss": "mse", "ce_weight": 0.1,
+           "swing": True, "batch_size": 128}  # fmt: skip
+    assert BNDistillSettings(**old).content() == old
+    assert BNDistillSettings(**old, marginal="gauss").content() == {**old, "marginal": "gauss"}

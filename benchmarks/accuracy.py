@@ -113,15 +113,18 @@ def calibration(
 
 
 # ------------------------------------------------------------------------------------------ runs
-def quantize_and_evaluate(model, calib: torch.Tensor, config, evals: dict, progress: bool = True) -> tuple:
+def quantize_and_evaluate(
+    model, calib: torch.Tensor, config, evals: dict, progress: bool = True, trace_grad_norm: bool = False
+) -> tuple:
     """(seconds for calibration + reconstruction, {eval name: evaluate() result}, quantized model).
 
-    The scores carry the fidelity to `model` (evaluate's 'agree' and 'kl'), which rows_for records."""
+    The scores carry the fidelity to `model` (evaluate's 'agree' and 'kl'), which rows_for records;
+    with `trace_grad_norm` the quantized model carries the reconstruction's gradient-norm trace."""
     import quant
     from quant.evaluate import evaluate
 
     t0 = time.perf_counter()
-    qmodel = quant.quantize(model, calib, config, progress=progress)
+    qmodel = quant.quantize(model, calib, config, progress=progress, trace_grad_norm=trace_grad_norm)
     seconds = time.perf_counter() - t0
     scores = {name: evaluate(qmodel, data, progress=False, reference=model) for name, data in evals.items()}
     return seconds, scores, qmodel

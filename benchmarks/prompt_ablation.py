@@ -131,6 +131,11 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             raise BenchmarkError(f"prompts: unknown bits {b!r} (choose from {', '.join(BITS)})")
     if not variants or not bits:
         raise BenchmarkError("prompts: give at least one variant and one bit setting")
+    mixing = [v for v in variants if VARIANTS[v].mixing]
+    if mixing and (args.augment < 2 or args.model == "cifar10_vit"):
+        raise BenchmarkError(
+            f"prompts: {mixing[0]} mixes the CNN path's augmented copies; give --augment N > 1 (not the ViT)"
+        )
     if args.model == "cifar10_vit" and args.generator == "bn-distill":
         raise BenchmarkError(
             "prompts: the ViT has no BatchNorm for bn-distill; use --generator enhancing-dfq"
@@ -170,12 +175,12 @@ def calib_label(generator: str, variant: Variant) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants, bits = check_args(args)
     if args.tiny:
         args.images, args.bn_distill_iters, args.augment, args.edfq_iterations = 8, 2, 2, 4
         args.edfq_set = args.edfq_set or "train_batch=4,warmup=1,embed_dim=16"
-        if args.results == "benchmarks/results":
-            args.results = tempfile.mkdtemp(prefix="dfq-prompts-")
+    variants, bits = check_args(args)
+    if args.tiny and args.results == "benchmarks/results":
+        args.results = tempfile.mkdtemp(prefix="dfq-prompts-")
     work = Path(args.pools or tempfile.mkdtemp(prefix="dfq-prompt-pools-"))
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results)
@@ -218,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
                         iters=0 if bench.name == "cifar10_vit" else settings.iters, seconds=round(q_seconds, 1),
                         pool_seed=pool_seed, seed=seed, variant=f"prompts:{name}", generator=args.generator,
                         k=v.k, pairing=v.pairing, mixing=v.mixing, augment=args.augment, pool=str(pool),
+                        gen_settings=generator_compare.recipe(args.generator, args)["settings"],
                     )  # fmt: skip
                     new = accuracy.rows_for(bench.name, fp, scores, **fields)
                     acc_rows += new
@@ -230,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
                     write_outputs(results, merged)
     diagnostics = diagnose_pools(bench, pools, args) if args.diagnose else None
     merged = merge_rows(results / f"{RESULT}.json", rows, diagnostics)
-    write_outputs(results, merged, diagnostics)
+    write_outputs(results, merged)
     if traces:
         write_traces(results, traces, merged, args.trace_bits, args.seeds[0])
     if args.tiny and not args.pools:
@@ -325,7 +331,8 @@ def markdown(data: dict) -> str:
     corr = data.get("rank_correlation")
     if corr:
         lines += ["## Pool diagnostics against W4A4 top-1", "",
-                  f"Spearman rank correlation over {corr['pools']} pools (reference: {corr['reference']}):", ""]  # fmt: skip
+                  f"Spearman rank correlation over {corr['pools']} pools (reference: {corr['reference']}; "
+                  f"top-1 on {corr['dataset']}):", ""]  # fmt: skip
         lines += [
             f"- {name}: {rho:+.3f}" if rho is not None else f"- {name}: n/a"
             for name, rho in corr["rho"].items()
@@ -379,7 +386,7 @@ def plot(data: dict, path: Path) -> bool:
     return True
 
 
-def write_outputs(results: Path, data: dict, diagnostics: list[dict] | None = None) -> None:
+def write_outputs(results: Path, data: dict) -> None:
     (results / f"{RESULT}.md").write_text(markdown(data))
     plot(data, results / f"{RESULT}.png")
 
@@ -471,6 +478,7 @@ def diagnostic_correlations(rows: list[dict], diagnostics: list[dict]) -> dict:
 
     return {
         "reference": diagnostics[0]["reference"] if diagnostics else None,
+        "dataset": _order([r["dataset"] for r in rows], [])[0] if rows else None,
         "pools": len(have),
         "rho": {"frechet_vs_top1": rho("frechet"), "fidelity_vs_top1": rho("fidelity")},
         "table": table,

@@ -132,5 +132,7 @@ def test_bad_input_is_one_line() -> None:
         _main(["--tiny", "--bits", "W5A5"])
     with pytest.raises(BenchmarkError, match="needs Stable Diffusion weights"):
         _main(["--generator", "diffusion", "--sd-model", "/nonexistent/sd"])
+    with pytest.raises(BenchmarkError, match="single\\+mixup mixes the CNN path's augmented copies"):
+        _main(["--augment", "1"])
     with pytest.raises(BenchmarkError, match="no BatchNorm"):
         _main(["--model", "cifar10_vit", "--generator", "bn-distill"])

@@ -95,7 +95,7 @@ def recipe(generator: str, args: argparse.Namespace, iterations: int | None = No
     the config fields that differ (the SD model, the preset: `tiny` in the CI form)."""
     if generator == "diffusion":
         tiny = bool(getattr(args, "tiny", False))
-        config = {"model": getattr(args, "sd_model", None), "checkpoint": None, "preset": "tiny" if tiny else None,
+        config = {"model": None if tiny else args.sd_model, "checkpoint": None, "preset": "tiny" if tiny else None,
                   "device": "cpu" if tiny else "auto"}  # fmt: skip
         return {"settings": {}, "batch_size": 8 if tiny else 16, "workers": 1, "config": config}
     if generator == "bn-distill":

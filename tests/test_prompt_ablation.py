@@ -106,6 +106,27 @@ def test_tiny_form_bn_distill_every_variant(ray_local, tmp_path) -> None:
     assert "Spearman" in (results / "prompt_ablation.md").read_text()
 
 
+@pytest.mark.slow
+def test_tiny_form_diffusion_pairs_by_text_similarity(ray_local, tmp_path) -> None:
+    """The paper's own ablation in miniature: the tiny SD preset, its CLIP text similarity pairing."""
+    results, pools = tmp_path / "results", tmp_path / "pools"
+    argv = ["--tiny", "--generator", "diffusion", "--variants", "single,similar,single+cutmix", "--bits", "W4A4",
+            "--results", str(results), "--pools", str(pools), "--pool-seeds", "0", "--threads", "1"]  # fmt: skip
+    assert _main(argv) == 0
+    rows = json.loads((results / "prompt_ablation.json").read_text())["rows"]
+    assert {(r["variant"], r["calib"]) for r in rows} == {
+        ("single", "sd-single"),
+        ("similar", "sd-mixup"),
+        ("single+cutmix", "sd-single"),
+    }
+    similar = pool_records(Path(next(r["pool"] for r in rows if r["variant"] == "similar")))
+    assert all(s["generator"] == "diffusion" and s["pairing"] == "similar" and len(s["class_ids"]) == 2
+               for s in similar)  # fmt: skip
+    assert set(md_cells((results / "prompt_ablation.md").read_text())) == {
+        (v, "W4A4") for v in ("single", "similar", "single+cutmix")
+    }
+
+
 def test_spearman() -> None:
     assert prompt_ablation.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert prompt_ablation.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -150,13 +150,15 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def sd_weights_present(model: str) -> bool:
     """A local diffusers folder, or a hub id whose model_index.json is in the local cache."""
-    if os.path.isdir(os.path.expanduser(model)):
-        return os.path.isfile(os.path.join(os.path.expanduser(model), "model_index.json"))
+    local = os.path.expanduser(model)
+    if os.path.isdir(local) or os.path.isabs(local) or model.startswith((".", "~")):
+        return os.path.isfile(os.path.join(local, "model_index.json"))
     try:
         from huggingface_hub import try_to_load_from_cache
-    except ImportError:
+
+        return isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    except (ImportError, ValueError):  # no hub client, or not a hub id
         return False
-    return isinstance(try_to_load_from_cache(model, "model_index.json"), str)
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -114,19 +114,25 @@ def calibration(
 
 # ------------------------------------------------------------------------------------------ runs
 def quantize_and_evaluate(
-    model, calib: torch.Tensor, config, evals: dict, progress: bool = True, start=None
+    model,
+    calib: torch.Tensor,
+    config,
+    evals: dict,
+    progress: bool = True,
+    start=None,
+    trace_grad_norm: bool = False,
 ) -> tuple:
     """(seconds for calibration + reconstruction, {eval name: evaluate() result}, quantized model).
 
     The scores carry the fidelity to `model` (evaluate's 'agree' and 'kl'), which rows_for records;
-    `start` is a distill method's start (`quant.quantize`)."""
+    `start` is a distill method's start (`quant.quantize`); with `trace_grad_norm` the quantized model
+    carries the reconstruction's gradient-norm trace."""
     import quant
     from quant.evaluate import evaluate
 
     t0 = time.perf_counter()
-    qmodel = quant.quantize(
-        model, calib, config, progress=progress, **({"start": start} if start is not None else {})
-    )
+    extra = {"start": start} if start is not None else {}
+    qmodel = quant.quantize(model, calib, config, progress=progress, trace_grad_norm=trace_grad_norm, **extra)
     seconds = time.perf_counter() - t0
     scores = {name: evaluate(qmodel, data, progress=False, reference=model) for name, data in evals.items()}
     return seconds, scores, qmodel

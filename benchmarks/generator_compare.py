@@ -91,7 +91,13 @@ def parse_overrides(text: str) -> dict:
 
 
 def recipe(generator: str, args: argparse.Namespace, iterations: int | None = None) -> dict:
-    """The generator's settings for this run (the pool's config) and the batch size."""
+    """The generator's settings for this run (the pool's config), the batch size, and for diffusion
+    the config fields that differ (the SD model, the preset: `tiny` in the CI form)."""
+    if generator == "diffusion":
+        tiny = bool(getattr(args, "tiny", False))
+        config = {"model": None if tiny else args.sd_model, "checkpoint": None, "preset": "tiny" if tiny else None,
+                  "device": "cpu" if tiny else "auto"}  # fmt: skip
+        return {"settings": {}, "batch_size": 8 if tiny else 16, "workers": 1, "config": config}
     if generator == "bn-distill":
         batch = min(128, args.images)
         settings = {"iterations": args.bn_distill_iters, "bn_loss": "mse", "ce_weight": 0.1}
@@ -104,9 +110,10 @@ def recipe(generator: str, args: argparse.Namespace, iterations: int | None = No
 
 def make_pool(
     generator: str, spec: str, checkpoint: str, out: Path, seed: int, args: argparse.Namespace,
-    iterations: int | None = None,
+    iterations: int | None = None, k: int = 2, pairing: str = "random",
 ) -> tuple[Path, float]:  # fmt: skip
-    """Generate (or reuse, when complete) one pool; (path, generation wall seconds)."""
+    """Generate (or reuse, when complete) one pool of k classes a sample, paired by `pairing`;
+    (path, generation wall seconds)."""
     from engine.config import GenerateConfig
     from engine.driver import generate
     from launch.classifier import distill_context
@@ -116,16 +123,17 @@ def make_pool(
         return out, float(json.loads(record.read_text())["seconds"])
     r = recipe(generator, args, iterations)
     context, _ = distill_context(spec, checkpoint, None)
-    cfg = GenerateConfig(
+    fields = dict(
         out=str(out), num_images=args.images, shard_size=r["batch_size"], generator=generator, model=spec,
-        checkpoint=checkpoint, vocab="cifar10", k=2, batch_size=r["batch_size"], settings=r["settings"],
-        workers=r["workers"], device="cpu", seed=seed,
+        checkpoint=checkpoint, vocab="cifar10", k=k, pairing=pairing, batch_size=r["batch_size"],
+        settings=r["settings"], workers=r["workers"], device="cpu", seed=seed,
     )  # fmt: skip
+    cfg = GenerateConfig(**{**fields, **r.get("config", {})})
     t0 = time.perf_counter()
     generate(cfg, context)
     wall = time.perf_counter() - t0
     saved = {"seconds": round(wall, 1), "generator": generator, "seed": seed, "settings": r["settings"],
-             "device": report.device_string(), "date": report.today()}  # fmt: skip
+             "k": k, "pairing": pairing, "device": report.device_string(), "date": report.today()}  # fmt: skip
     record.write_text(json.dumps(saved, indent=1) + "\n")
     return out, wall
 
@@ -191,13 +199,16 @@ class Bench:
             wbits=wbits, abits=abits, method="genie-m", iters=iters, placement="layer-input"
         )
 
-    def calibration(self, pool: Path, args: argparse.Namespace) -> torch.Tensor:
+    def calibration(
+        self, pool: Path, args: argparse.Namespace, cutmix: float = 0.0, mixup: float = 0.0
+    ) -> torch.Tensor:
+        """The pool's images (the CNN: plus `--augment`-1 copies, mixed by CutMix / Mixup if asked)."""
         from quant.data import augment_calibration, load_calibration
 
         images = load_calibration(str(pool), self.transform, args.images)
         if self.name == "cifar10_vit":
             return images[:VIT_CALIB]
-        return augment_calibration(images, args.augment, seed=0)
+        return augment_calibration(images, args.augment, seed=0, cutmix=cutmix, mixup=mixup)
 
 
 # ------------------------------------------------------------------------------------------ run

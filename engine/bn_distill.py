@@ -45,6 +45,7 @@ from engine.bn_distill_nets import (
 from engine.bn_distill_settings import DEFAULT_LR, LOSS_FORMS, MARGINALS, METHODS, BNDistillSettings
 from engine.classifier import Classifier
 from engine.errors import EngineError
+from engine.pairing import ClassDraw, check_pairing, head_similarity, prepare_similarity
 from engine.pixel_marginal import gaussian_marginal
 from engine.records import sample_record
 from engine.seeds import BN_BATCH, BN_CLASSES, BN_SAMPLE
@@ -52,7 +53,7 @@ from engine.seeds import BN_BATCH, BN_CLASSES, BN_SAMPLE
 if TYPE_CHECKING:
     from engine.config import GenerateConfig
 
-__all__ = ["BNDistillGenerator", "bn_stats_loss", "class_targets", "from_config", "sample_seed"]
+__all__ = ["BNDistillGenerator", "bn_stats_loss", "class_targets", "from_config", "prepare", "sample_seed"]
 
 DECODER_LR_RATIO = 0.1  # Genie-D: latents 0.1, decoder 0.01
 DECODER_LR_DECAY = (0.95, 100)  # Genie-D: the decoder's lr x 0.95 every 100 iterations; latents constant
@@ -65,11 +66,15 @@ def sample_seed(run_seed: int, index: int) -> int:
     return BN_SAMPLE.seed(run_seed, index)
 
 
-def class_targets(run_seed: int, index: int, k: int, num_classes: int) -> list[int]:
-    """The k distinct classes of sample `index` ("random" pairing), drawn from their own stream."""
+def class_targets(
+    run_seed: int, index: int, k: int, num_classes: int, pairing: ClassDraw | None = None
+) -> list[int]:
+    """The k distinct classes of sample `index`, drawn from their own stream (`pairing`: how, see
+    engine.pairing; default random)."""
     if k == 0:
         return []
-    return torch.randperm(num_classes, generator=BN_CLASSES.torch_generator(run_seed, index))[:k].tolist()
+    g = BN_CLASSES.torch_generator(run_seed, index)
+    return (pairing or ClassDraw("random", num_classes, k))(g)
 
 
 def _input_stats_term(x: torch.Tensor, form: str) -> torch.Tensor:
@@ -112,6 +117,9 @@ class BNDistillGenerator:
             (ZeroQ: unsquared norms); see `stats_distance`.
         marginal: "none" (the optimised pixels) or "gauss" (each written image's channels given the
             normalization's Gaussian marginal, `engine.pixel_marginal`).
+        pairing: how a sample's k classes are combined: random, or similar / dissimilar by the
+            classifier's own class similarity (engine.pairing; computed here if `similarity` is None).
+        similarity: the (num_classes, num_classes) class-similarity matrix of those pairings.
     """
 
     def __init__(
@@ -135,7 +143,10 @@ class BNDistillGenerator:
         swing: bool = True,
         bn_loss: str = "mse",
         marginal: str = "none",
+        pairing: str = "random",
+        similarity: object = None,
     ) -> None:
+        check_pairing("bn-distill", pairing)
         _check_args(
             input_size, mean, std, num_classes, iters, lr, batch_size, k, method, ce_weight, class_names,
             bn_loss,
@@ -163,6 +174,10 @@ class BNDistillGenerator:
             list(class_names) if class_names is not None else _default_names(self.vocab, num_classes)
         )
         self.swing = swing
+        self.pairing = pairing
+        if pairing != "random" and k > 1 and similarity is None:
+            similarity = head_similarity(model_factory().cpu())
+        self.draw = ClassDraw(pairing, num_classes, k, similarity)
         # One entry per optimized batch (see `_record`), the latest HISTORY_LEN only: a warm actor
         # distills for days and must not grow without bound.
         self.history: deque[dict] = deque(maxlen=HISTORY_LEN)
@@ -181,7 +196,7 @@ class BNDistillGenerator:
 
     def sample_json(self, index: int) -> dict:
         """The per-sample record of SHARDS.md; depends only on (run_seed, index) and the config."""
-        ids = class_targets(self.run_seed, index, self.k, self.num_classes)
+        ids = class_targets(self.run_seed, index, self.k, self.num_classes, self.draw)
         names = [self.class_names[c] for c in ids]
         _, height, width = self.input_size
         return sample_record(
@@ -193,7 +208,7 @@ class BNDistillGenerator:
             class_names=names,
             vocab=self.vocab,
             k=self.k,
-            pairing="random",
+            pairing=self.pairing,
             seed=sample_seed(self.run_seed, index),
             run_seed=self.run_seed,
             steps=self.iters,
@@ -288,7 +303,7 @@ class BNDistillGenerator:
             return None
         targets = torch.zeros(len(indices), self.num_classes)
         for row, i in enumerate(indices):
-            targets[row, class_targets(self.run_seed, i, self.k, self.num_classes)] = 1.0 / self.k
+            targets[row, class_targets(self.run_seed, i, self.k, self.num_classes, self.draw)] = 1.0 / self.k
         return targets.to(self.device)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -425,8 +440,9 @@ class _deterministic:
 
 
 def from_config(
-    cfg: GenerateConfig, *, classifier: Classifier | None = None, device: str | None = None, **_: object
-) -> BNDistillGenerator:
+    cfg: GenerateConfig, *, classifier: Classifier | None = None, device: str | None = None,
+    similarity: object = None, **_: object,
+) -> BNDistillGenerator:  # fmt: skip
     """The generator of a resolved run config (the registry's factory). `classifier` comes from the
     CLI layer, which alone may import `quant`; `device` is the worker's (default: cfg.device, where
     "auto" means CUDA if present)."""
@@ -457,4 +473,14 @@ def from_config(
         swing=s.swing,
         bn_loss=s.bn_loss,
         marginal=s.marginal,
+        pairing=cfg.pairing,
+        similarity=similarity,
     )
+
+
+def prepare(cfg: GenerateConfig, classifier: Classifier | None = None, **_: object) -> dict:
+    """Once per run, in the driver: the classifier's class-similarity matrix when the pairing needs one."""
+    return prepare_similarity(cfg, classifier)
+
+
+from_config.prepare = prepare  # type: ignore[attr-defined]  # the registry looks up `prepare` on the factory

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import EngineError
+from engine.pairing import check_pairing
 from engine.settings import Choice, Flag, Float, GeneratorSettings, Int, setting
 
 if TYPE_CHECKING:
@@ -73,10 +74,7 @@ class BNDistillSettings(GeneratorSettings):
         batch = s.batch_size if s.batch_size is not None else cfg.batch_size
         if not isinstance(batch, int) or isinstance(batch, bool):
             raise EngineError(f"bn-distill needs a number of images per batch, got batch size {batch!r}")
-        if cfg.pairing != "random":
-            raise EngineError(
-                f"bn-distill draws class targets at random; pairing {cfg.pairing!r} is not offered"
-            )
+        check_pairing("bn-distill", cfg.pairing)
         lr = DEFAULT_LR[s.method] if s.lr is None else s.lr
         return dataclasses.replace(s, batch_size=batch, lr=lr).checked()
 

@@ -65,6 +65,7 @@ from engine.enhancing_dfq_nets import (
 )
 from engine.enhancing_dfq_settings import EnhancingDFQSettings
 from engine.errors import EngineError
+from engine.pairing import ClassDraw, classifier_similarity, head_similarity, prepare_similarity
 from engine.records import sample_record
 from engine.seeds import EDFQ_INIT, EDFQ_SAMPLE, EDFQ_TRAIN
 from engine.writer import fsync_dir, is_local, join, local_path
@@ -79,10 +80,11 @@ CHECKPOINT_FORMAT = 1
 
 # ------------------------------------------------------------------------------ draws
 def draw(
-    g: torch.Generator, k: int, num_classes: int, dim: int
+    g: torch.Generator, k: int, num_classes: int, dim: int, pairing: ClassDraw | None = None
 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """One sample's classes (k distinct), Dirichlet(1) mixing weights and noise (LATENT_TOKENS, dim)."""
-    classes = torch.randperm(num_classes, generator=g)[:k].tolist()
+    """One sample's classes (k distinct, paired by `pairing`, default random), Dirichlet(1) mixing
+    weights and noise (LATENT_TOKENS, dim)."""
+    classes = (pairing or ClassDraw("random", num_classes, k))(g)
     e = -torch.rand(k, generator=g, dtype=torch.float64).clamp_min(1e-12).log()
     lam = (e / e.sum()).float()
     z = torch.randn(LATENT_TOKENS, dim, generator=g)
@@ -90,10 +92,14 @@ def draw(
 
 
 def train_hash(cfg: GenerateConfig) -> str:
-    """What the trained generator depends on: the content settings, model, checkpoint, k and seed."""
+    """What the trained generator depends on: the content settings, model, checkpoint, k and seed,
+    and the pairing when it is not random (it trains on the classes it pairs; random leaves the hash
+    of checkpoints made before pairings as it was)."""
     s = cfg.generator_settings(EnhancingDFQSettings)
     content = {"settings": s.content(), "model": cfg.model, "checkpoint": cfg.checkpoint, "k": cfg.k,
                "seed": cfg.seed}  # fmt: skip
+    if cfg.pairing != "random":
+        content["pairing"] = cfg.pairing
     return config_hash(content)
 
 
@@ -139,7 +145,9 @@ def _device(name: str | None) -> torch.device:
 class Trainer:
     """Trains the nets of one run against the classifier; `run()` resumes from the checkpoint."""
 
-    def __init__(self, cfg: GenerateConfig, classifier: Classifier, device: str | None = None) -> None:
+    def __init__(
+        self, cfg: GenerateConfig, classifier: Classifier, device: str | None = None, similarity: Any = None
+    ) -> None:
         self.cfg, self.classifier = cfg, classifier
         self.s = cfg.generator_settings(EnhancingDFQSettings)
         self.device = _device(device or cfg.device)
@@ -148,6 +156,9 @@ class Trainer:
             raise EngineError(f"k (classes per sample) must be in [1, {classifier.num_classes}], got {cfg.k}")
         self.layers = [m for _, m in feature_layers(self.model, self.s.layer_names())]
         self.head = head_layer(self.model)
+        if similarity is None and cfg.pairing != "random":
+            similarity = head_similarity(self.model)
+        self.pairing = ClassDraw(cfg.pairing, classifier.num_classes, cfg.k, similarity)
         self.has_bn = bool(bn_layers(self.model))
         self.attn = [getattr(b, "attn", b) for _, b in block_list(self.model)] if not self.has_bn else []
         taps = Taps(self.layers, self.head)
@@ -237,7 +248,7 @@ class Trainer:
     def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = EDFQ_TRAIN.torch_generator(self.cfg.seed, it)
         draws = [
-            draw(g, self.cfg.k, self.classifier.num_classes, self.s.embed_dim)
+            draw(g, self.cfg.k, self.classifier.num_classes, self.s.embed_dim, self.pairing)
             for _ in range(self.s.train_batch)
         ]
         classes = torch.tensor([c for c, _, _ in draws], device=self.device)
@@ -316,16 +327,18 @@ class EnhancingDFQGenerator:
 
     @classmethod
     def prepare(cls, cfg: GenerateConfig, classifier: Classifier | None = None, **_: Any) -> dict[str, Any]:
-        """Once per run, in the driver: train (or resume, or reuse) the generator; its bytes go to workers."""
+        """Once per run, in the driver: train (or resume, or reuse) the generator; its bytes go to
+        workers, with the classifier's class similarity when the pairing needs one (engine.pairing)."""
         if classifier is None:
             raise EngineError(
                 "enhancing-dfq needs the classifier (the `classifier` context) from the CLI layer"
             )
-        return {"edfq_state": Trainer(cfg, classifier).run()}
+        out = prepare_similarity(cfg, classifier)
+        return {**out, "edfq_state": Trainer(cfg, classifier, similarity=out.get("similarity")).run()}
 
     def __init__(
         self, cfg: GenerateConfig, *, classifier: Classifier | None = None, edfq_state: bytes | None = None,
-        device: str | None = None, **_: Any,
+        device: str | None = None, similarity: Any = None, **_: Any,
     ) -> None:  # fmt: skip
         if classifier is None or edfq_state is None:
             raise EngineError(
@@ -343,6 +356,9 @@ class EnhancingDFQGenerator:
         self.nets = build_nets(cfg, classifier, dims)
         self.nets.load_state_dict(state["nets"])
         self.nets.to(self.device).eval().requires_grad_(False)
+        if similarity is None and cfg.pairing != "random":
+            similarity = classifier_similarity(classifier)
+        self.pairing = ClassDraw(cfg.pairing, classifier.num_classes, cfg.k, similarity)
         self.vocab = cfg.vocab or _KNOWN_VOCABS.get(classifier.num_classes, "file:none")
         self.names = _default_names(self.vocab, classifier.num_classes)
         batch = cfg.batch_size
@@ -372,7 +388,7 @@ class EnhancingDFQGenerator:
 
     def draw(self, index: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         g = EDFQ_SAMPLE.torch_generator(self.cfg.seed, index)
-        return draw(g, self.cfg.k, self.classifier.num_classes, self.s.embed_dim)
+        return draw(g, self.cfg.k, self.classifier.num_classes, self.s.embed_dim, self.pairing)
 
     def sample_json(
         self, index: int, classes: list[int], lam: list[float], soft: list[float]
@@ -383,7 +399,7 @@ class EnhancingDFQGenerator:
         return sample_record(
             index, generator="enhancing-dfq", model=str(self.cfg.model),
             prompt="enhancing-dfq: " + " and ".join(names), class_ids=classes, class_names=names,
-            vocab=self.vocab, k=self.cfg.k, pairing="random", seed=EDFQ_SAMPLE.seed(self.cfg.seed, index),
+            vocab=self.vocab, k=self.cfg.k, pairing=self.cfg.pairing, seed=EDFQ_SAMPLE.seed(self.cfg.seed, index),
             run_seed=self.cfg.seed, steps=self.s.iterations, width=width, height=height,
             soft_label={c: round(w, 6) for c, w in enumerate(soft) if w >= SOFT_LABEL_MIN},
             mix_weights=[round(w, 6) for w in lam],

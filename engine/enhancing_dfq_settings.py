@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.errors import EngineError
+from engine.pairing import check_pairing
 from engine.settings import Flag, Float, GeneratorSettings, Int, Text, setting
 
 if TYPE_CHECKING:
@@ -116,10 +117,7 @@ class EnhancingDFQSettings(GeneratorSettings):
             raise EngineError(
                 f"warmup ({s.warmup}) must be shorter than the training ({s.iterations} iterations)"
             )
-        if cfg.pairing != "random":
-            raise EngineError(
-                f"enhancing-dfq draws classes at random; pairing {cfg.pairing!r} is not offered"
-            )
+        check_pairing("enhancing-dfq", cfg.pairing)
         names = [n.strip() for n in s.layers.split(",")] if s.layers.strip() else []
         if any(not n for n in names):
             raise EngineError(f"layers must be comma-separated module names, got {s.layers!r}")

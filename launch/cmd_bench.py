@@ -25,6 +25,10 @@ BENCHMARKS = {
         "benchmarks.generator_compare",
         "data-free pools of bn-distill and enhancing-dfq, quantized the same way",
     ),
+    "prompts": (
+        "benchmarks.prompt_ablation",
+        "prompt ablation: k=1/2/3, random/similar/dissimilar pairing, Mixup/CutMix baselines, per generator",
+    ),
     "tools": (
         "benchmarks.tool_compare",
         "other PTQ tools (NNCF, ModelOpt, MCT, ...) calibrated from each source",

@@ -80,6 +80,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "about this fraction of the image's area (default 0: none)",
     )
     p.add_argument(
+        "--augment-mixup",
+        type=nonnegative_float,
+        default=0.0,
+        metavar="ALPHA",
+        help="with --augment N > 1: blend each copy pixel by pixel with a randomly drawn copy, weight "
+        "~ Beta(ALPHA, ALPHA) (Mixup; default 0: none)",
+    )
+    p.add_argument(
         "--verify",
         choices=["none", "size", "sha256"],
         default="size",
@@ -355,6 +363,10 @@ def run(args: argparse.Namespace) -> int:
         raise QuantError(
             f"--augment-cutmix {args.augment_cutmix} mixes augmented copies: give --augment N > 1 too"
         )
+    if args.augment_mixup > 0 and args.augment == 1:
+        raise QuantError(
+            f"--augment-mixup {args.augment_mixup} mixes augmented copies: give --augment N > 1 too"
+        )
     _check_source(args.calib, "calibration source")
     from_pool = args.calib != "noise" and source_kind(args.calib) == "pool"
     if from_pool:
@@ -395,7 +407,9 @@ def run(args: argparse.Namespace) -> int:
         calib = load_calibration(args.calib, transform, args.n_calib, seed=args.seed)
     n_calib = len(calib)
     if not distill:
-        calib = augment_calibration(calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix)
+        calib = augment_calibration(
+            calib, args.augment, seed=args.seed, cutmix=args.augment_cutmix, mixup=args.augment_mixup
+        )
     spec = model_spec(args.model, args.checkpoint, args.num_classes, data_config)
     qmodel = quant.quantize(
         model, calib, settings, model_spec=spec, progress=progress, trace_grad_norm=trace_path is not None
@@ -413,6 +427,7 @@ def run(args: argparse.Namespace) -> int:
         "n_calib": n_calib,
         "augment": args.augment,
         "augment_cutmix": args.augment_cutmix,
+        "augment_mixup": args.augment_mixup,
         "wbits": args.wbits,
         "abits": args.abits,
         "first_last_bits": args.first_last_bits,

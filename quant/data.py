@@ -326,13 +326,15 @@ def noise_calibration(n: int, input_size: int | Sequence[int], seed: int = 0) ->
 
 
 def augment_calibration(
-    images: torch.Tensor, copies: int, seed: int = 0, cutmix: float = 0.0
+    images: torch.Tensor, copies: int, seed: int = 0, cutmix: float = 0.0, mixup: float = 0.0
 ) -> torch.Tensor:
     """`images` followed by `copies - 1` augmented copies: each image flipped left-right with
     probability 1/2 and shifted by up to 1/8 of its size (reflect padding), per copy and image;
     with `cutmix` > 0, each copy then gets a box pasted from a randomly drawn copy (any copy, itself
     included), of the image's aspect ratio and an area drawn uniformly up to about `cutmix` of the
-    image (sides rounded to whole pixels), at a uniform position.
+    image (sides rounded to whole pixels), at a uniform position; with `mixup` = alpha > 0, each
+    copy is then blended pixel by pixel with a randomly drawn copy (itself included),
+    `lam * copy + (1 - lam) * partner`, lam ~ Beta(alpha, alpha) per copy (Mixup's pixel mixing).
 
     Why: a small pool (the 256 images BN distillation affords) is seen ~250 times in a 2,000
     iteration block reconstruction at batch 32, and the rounding fits those images' block outputs
@@ -340,13 +342,18 @@ def augment_calibration(
     (the training augmentation of CIFAR and ImageNet classifiers) widen the inputs the block
     outputs are matched on, with no new information and at the same cost per iteration.
     Cut-and-paste mixing (MixMix's data mixing, CutMix's boxes) adds inputs no single image gives;
-    it measured neutral, so it is off by default (docs/notes.md).
-    Deterministic in (`images`, `copies`, `seed`, `cutmix`); the originals come first and unchanged.
+    it measured neutral, so it is off by default (docs/notes.md). Pixel Mixup is the other mixing
+    baseline of the prompt ablation (`dfq bench prompts`): mixing classes at calibration time
+    against mixing them in the generator's prompt.
+    Deterministic in (`images`, `copies`, `seed`, `cutmix`, `mixup`); the originals come first and
+    unchanged, and the copies before the mixing are those of the same call without it.
     """
     if copies < 1:
         raise QuantError(f"augmented copies must be >= 1, got {copies}")
     if isinstance(cutmix, bool) or not isinstance(cutmix, (int, float)) or not 0.0 <= cutmix < 1.0:
         raise QuantError(f"cutmix must be an area fraction in [0, 1), got {cutmix!r}")
+    if isinstance(mixup, bool) or not isinstance(mixup, (int, float)) or not 0.0 <= mixup < float("inf"):
+        raise QuantError(f"mixup must be a Beta concentration alpha >= 0 (0: off), got {mixup!r}")
     if copies == 1:
         return images
     b, _, h, w = images.shape
@@ -368,7 +375,20 @@ def augment_calibration(
     extra = torch.cat(out[1:])
     if cutmix > 0:
         extra = _paste_boxes(extra, cutmix, g)
+    if mixup > 0:
+        extra = _blend(extra, mixup, g)
     return torch.cat([images, extra])
+
+
+def _blend(x: torch.Tensor, alpha: float, g: torch.Generator) -> torch.Tensor:
+    """Each image of `x` blended with a randomly drawn image of `x` (itself included):
+    `lam * x + (1 - lam) * partner`, lam ~ Beta(alpha, alpha) per image (drawn by numpy from a seed
+    taken off `g`: torch's Beta sampler takes no generator)."""
+    n = x.shape[0]
+    partner = x[torch.randint(0, n, (n,), generator=g)]
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=n)).to(x.dtype).view(n, 1, 1, 1)
+    return lam * x + (1 - lam) * partner
 
 
 def _paste_boxes(x: torch.Tensor, max_area: float, g: torch.Generator) -> torch.Tensor:

@@ -86,6 +86,8 @@ CASES: list[tuple[list[str], str]] = [
     ([*QUANT, "--method", "magic"], "'magic'"),
     ([*QUANT, "--augment-cutmix", "1"], "'1'"),
     ([*QUANT, "--augment-cutmix", "0.5"], "--augment-cutmix 0.5"),  # without --augment N > 1
+    ([*QUANT, "--augment-mixup", "-1"], "'-1'"),
+    ([*QUANT, "--augment-mixup", "0.4"], "--augment-mixup 0.4"),  # without --augment N > 1
     ([*QUANT, "--n-calib", "0"], "--n-calib"),
     ([*QUANT, "--iters", "-1"], "-1"),
     ([*QUANT, "--batch-size", "two"], "'two'"),

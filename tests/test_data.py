@@ -212,3 +212,30 @@ def test_cutmix_copies_paste_one_box_from_another_copy() -> None:
     for bad in (1.0, -0.1, True):
         with pytest.raises(QuantError, match="cutmix must be an area fraction"):
             augment_calibration(x, 2, cutmix=bad)
+
+
+def test_mixup_copies_are_convex_blends_of_two_copies() -> None:
+    x = torch.randn(6, 3, 16, 16)
+    plain = augment_calibration(x, 3, seed=2)
+    mixed = augment_calibration(x, 3, seed=2, mixup=0.4)
+    assert torch.equal(mixed[:6], x)  # the originals first and unchanged
+    assert torch.equal(mixed, augment_calibration(x, 3, seed=2, mixup=0.4))  # deterministic
+    assert not torch.equal(mixed, augment_calibration(x, 3, seed=3, mixup=0.4))
+    assert torch.equal(plain, augment_calibration(x, 3, seed=2, mixup=0.0))  # 0: the plain copies
+    copies = plain[6:].flatten(1)
+    blended = 0
+    for j in range(6, 18):
+        m = mixed[j].flatten()
+        best = None
+        for i in range(12):  # m = lam * copies[j] + (1 - lam) * copies[i], lam in [0, 1]
+            d = copies[j - 6] - copies[i]
+            lam = float((m - copies[i]) @ d / (d @ d)) if d.abs().sum() > 0 else 1.0
+            err = float((lam * copies[j - 6] + (1 - lam) * copies[i] - m).abs().max())
+            if err < 1e-4 and -1e-6 <= lam <= 1 + 1e-6 and (best is None or err < best[0]):
+                best = (err, lam)
+        assert best is not None, j  # a convex combination of this copy and another pool copy
+        blended += 0.02 < best[1] < 0.98
+    assert blended >= 6  # Beta(0.4, 0.4) puts most weights away from 0 and 1, not all
+    for bad in (-0.1, float("inf"), float("nan"), True):
+        with pytest.raises(QuantError, match="mixup must be a Beta concentration"):
+            augment_calibration(x, 2, mixup=bad)

@@ -134,8 +134,8 @@ def test_bn_distill_pool_through_the_engine(ray_local, tmp_path: Path) -> None:
     assert all(len(set(s["json"]["class_ids"])) == 2 for s in samples)  # mixup of two class targets
     result = _quantize(
         pool, tmp_path / "q", "tests.test_end_to_end:tiny_bn_cnn", "--method", "genie-m", "--iters", "2",
-        "--augment", "2", "--augment-cutmix", "0.5", "--batch-size", "8",
+        "--augment", "2", "--augment-cutmix", "0.5", "--augment-mixup", "0.4", "--batch-size", "8",
     )  # fmt: skip
     assert result["iters"] == 2 and result["wbits"] == 4
     assert result["augment"] == 2 and result["n_calib"] == 16  # the pool's images, before the copies
-    assert result["augment_cutmix"] == 0.5
+    assert result["augment_cutmix"] == 0.5 and result["augment_mixup"] == 0.4

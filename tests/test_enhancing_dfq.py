@@ -182,7 +182,7 @@ def test_pool_is_valid_deterministic_and_resumes(ray_local, tmp_path: Path) -> N
     [
         (("--edfq-ema", "1.5"), "ema must be in [0, 1)"),
         (("--edfq-warmup", "9"), "warmup (9) must be shorter"),
-        (("--pairing", "similar"), "pairing 'similar' is not offered"),
+        (("--pairing", "balanced"), "pairing 'balanced' is not offered"),
         (("--edfq-lr", "0"), "expected a finite number > 0"),
         (("--edfq-layers", "nope"), "no module 'nope'"),
         (("--k", "11"), "k=11 is more than the 10 classes"),

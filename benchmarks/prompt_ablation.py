@@ -131,14 +131,14 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             raise BenchmarkError(f"prompts: unknown bits {b!r} (choose from {', '.join(BITS)})")
     if not variants or not bits:
         raise BenchmarkError("prompts: give at least one variant and one bit setting")
+    if args.model == "cifar10_vit" and args.generator == "bn-distill":
+        raise BenchmarkError(
+            "prompts: the ViT has no BatchNorm for bn-distill; use --generator enhancing-dfq"
+        )
     mixing = [v for v in variants if VARIANTS[v].mixing]
     if mixing and (args.augment < 2 or args.model == "cifar10_vit"):
         raise BenchmarkError(
             f"prompts: {mixing[0]} mixes the CNN path's augmented copies; give --augment N > 1 (not the ViT)"
-        )
-    if args.model == "cifar10_vit" and args.generator == "bn-distill":
-        raise BenchmarkError(
-            "prompts: the ViT has no BatchNorm for bn-distill; use --generator enhancing-dfq"
         )
     if args.generator == "diffusion" and not args.tiny and not sd_weights_present(args.sd_model):
         raise BenchmarkError(

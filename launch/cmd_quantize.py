@@ -218,7 +218,9 @@ def _check_select(args: argparse.Namespace) -> None:
 
     if args.select is None:
         if args.oversample != 1:
-            raise QuantError(f"--oversample {args.oversample:g} scores extra images for --select: give --select")
+            raise QuantError(
+                f"--oversample {args.oversample:g} scores extra images for --select: give --select"
+            )
         if args.select_balance:
             raise QuantError("--select-balance applies to --select")
         return

@@ -71,7 +71,9 @@ def _forward(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.T
             for batch in images.split(batch_size):
                 logits = model(batch.to(device))
                 if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                    raise QuantError("sample selection needs a classifier returning a (batch, classes) tensor")
+                    raise QuantError(
+                        "sample selection needs a classifier returning a (batch, classes) tensor"
+                    )
                 out.append(logits.float().cpu())
     finally:
         model.train(was_training)
@@ -128,7 +130,9 @@ def _bn_sums(model: nn.Module, images: torch.Tensor, batch_size: int) -> list[_L
     ]
 
 
-def _distance(layers: list[_LayerSums], s1: list[torch.Tensor], s2: list[torch.Tensor], count) -> torch.Tensor:
+def _distance(
+    layers: list[_LayerSums], s1: list[torch.Tensor], s2: list[torch.Tensor], count: int
+) -> torch.Tensor:
     """D of sets with summed sums `s1`, `s2` (one per layer, shape (..., C)) of `count` samples."""
     total = torch.zeros(s1[0].shape[:-1], dtype=torch.float64)
     for layer, a, b in zip(layers, s1, s2, strict=True):

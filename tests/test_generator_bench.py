@@ -67,7 +67,9 @@ def test_selection_runs_each_selector_and_the_first_images_of_one_pool(tmp_path)
 
     p = argparse.ArgumentParser()
     generator_compare.add_arguments(p)
-    args = p.parse_args(["--tiny", "--select", "energy,bn-sensitivity", "--oversample", "2.5", "--images", "6"])
+    args = p.parse_args(
+        ["--tiny", "--select", "energy,bn-sensitivity", "--oversample", "2.5", "--images", "6"]
+    )
     assert generator_compare.pool_images(args) == 15
     bench = generator_compare.Bench(args, tmp_path)
     pool = write_image_pool(tmp_path / "pool", num_samples=20, size=32)
@@ -83,9 +85,7 @@ def test_selection_runs_each_selector_and_the_first_images_of_one_pool(tmp_path)
     # rows of one pool and bits with and without selection are distinct measurements
     base = dict(model="m", dataset="d", wbits=4, abits=4, calib="enhancing-dfq", method="genie-m", top1=1.0,
                 iters=2, n_calib=6, variant="default", gen_iterations=4, pool_seed=0)  # fmt: skip
-    rows = [report.make_row(**base)] + [
-        report.make_row(**base, **fields) for _, fields in choices.values()
-    ]
+    rows = [report.make_row(**base)] + [report.make_row(**base, **fields) for _, fields in choices.values()]
     assert len(report.merge_rows(tmp_path / "accuracy.json", rows)) == 4
     labels = [generator_compare.selection_label(r) for r in rows]
     assert labels == ["-", "none of 2.5x", "energy of 2.5x", "bn-sensitivity of 2.5x"]

@@ -42,6 +42,11 @@ def area_fraction(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")  # also rejects nan
 
 
+def oversample_ratio(text: str) -> float:
+    """How many times the kept number of images to score, a finite number >= 1, e.g. `4` or `1.5`."""
+    return _number(text, float, lambda v: 1 <= v < float("inf"), "a finite number >= 1")  # also nan
+
+
 def seed_list(text: str) -> list[int]:
     """A comma list of distinct integer seeds >= 0, e.g. `0,1,2`."""
     try:

@@ -14,14 +14,20 @@ Evaluation: the lossless slice and the JPEG set, or with `--heldout` only the re
 (1,024 JPEGs held out from both evaluation sets; dataset `cifar10-heldout-1024`), on which settings
 are chosen. `--variant NAME --edfq-set key=value,...` names an ablation (settings overrides);
 `--curve N1,N2,...` generates enhancing-dfq pools trained for each number of iterations (the cost
-curve). Rows go to accuracy.json with `calib` = the generator and `pool_seed`, `variant`,
-`gen_seconds`, `gen_recipe`; `generators.md`/`.json` summarise them (mean and range over pools).
+curve). `--select energy,bn-sensitivity --oversample R` generates pools of R x `--images` images and
+quantizes, from each, the `--images` each selector keeps (`quant.select_samples`, GenQ's filters) and,
+as the no-selection baseline at the same generation budget, the pool's first `--images` (`select`
+"none"). Rows go to accuracy.json with `calib` = the generator and `pool_seed`, `variant`,
+`gen_seconds`, `gen_recipe` (and `select`, `oversample`, `n_scored` with R > 1);
+`generators.md`/`.json` summarise them (mean and range over pools).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks import accuracy, report
-from benchmarks.argtypes import positive_int, seed_list
+from benchmarks.argtypes import oversample_ratio, positive_int, seed_list
 from benchmarks.errors import BenchmarkError
 
 GENERATORS = ("bn-distill", "enhancing-dfq")
@@ -62,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edfq-set", default="", help="enhancing-dfq settings overrides, key=value,...")
     p.add_argument("--variant", default="default", help="row label of these settings (ablations)")
     p.add_argument("--curve", default="", help="comma list of enhancing-dfq training lengths (cost curve)")
+    p.add_argument(
+        "--select", default="", help="comma list of selectors (energy, bn-sensitivity) run on each pool"
+    )
+    p.add_argument(
+        "--oversample", type=oversample_ratio, default=1.0,
+        help="with --select: pools of R x --images images, of which each selector keeps --images",
+    )  # fmt: skip
     p.add_argument("--pools", default=None, help="folder keeping the pools (reused when complete)")
     p.add_argument("--heldout", action="store_true", help="evaluate on the held-out real draw only")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
@@ -90,6 +103,13 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
+def pool_images(args: argparse.Namespace) -> int:
+    """Images a pool: --images, or R x --images with --oversample R (at least one more)."""
+    if getattr(args, "oversample", 1) == 1:
+        return args.images
+    return max(args.images + 1, math.ceil(args.oversample * args.images - 1e-9))
+
+
 def recipe(generator: str, args: argparse.Namespace, iterations: int | None = None) -> dict:
     """The generator's settings for this run (the pool's config), the batch size, and for diffusion
     the config fields that differ (the SD model, the preset: `tiny` in the CI form)."""
@@ -99,7 +119,7 @@ def recipe(generator: str, args: argparse.Namespace, iterations: int | None = No
                   "device": "cpu" if tiny else "auto"}  # fmt: skip
         return {"settings": {}, "batch_size": 8 if tiny else 16, "workers": 1, "config": config}
     if generator == "bn-distill":
-        batch = min(128, args.images)
+        batch = min(128, pool_images(args))
         settings = {"iterations": args.bn_distill_iters, "bn_loss": "mse", "ce_weight": 0.1}
         return {"settings": settings, "batch_size": batch, "workers": 2}
     settings = {"iterations": iterations or args.edfq_iterations, **parse_overrides(args.edfq_set)}
@@ -124,7 +144,7 @@ def make_pool(
     r = recipe(generator, args, iterations)
     context, _ = distill_context(spec, checkpoint, None)
     fields = dict(
-        out=str(out), num_images=args.images, shard_size=r["batch_size"], generator=generator, model=spec,
+        out=str(out), num_images=pool_images(args), shard_size=r["batch_size"], generator=generator, model=spec,
         checkpoint=checkpoint, vocab="cifar10", k=k, pairing=pairing, batch_size=r["batch_size"],
         settings=r["settings"], workers=r["workers"], device="cpu", seed=seed,
     )  # fmt: skip
@@ -140,6 +160,24 @@ def make_pool(
 
 def _recipe_text(generator: str, settings: dict, images: int) -> str:
     return f"{generator}: {images} images, " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+
+
+def selectors(args: argparse.Namespace) -> list[str]:
+    return [n for n in args.select.split(",") if n]
+
+
+def check_selection(args: argparse.Namespace) -> None:
+    """Refuse selection options that cannot go together, before any pool is generated."""
+    from quant.select import SELECTORS
+
+    names = selectors(args)
+    bad = [n for n in names if n not in SELECTORS]
+    if bad:
+        raise BenchmarkError(f"generators: unknown selector {bad[0]!r}; use {', '.join(SELECTORS)}")
+    if bool(names) != (args.oversample != 1):
+        raise BenchmarkError("generators: --select and --oversample R > 1 go together")
+    if args.model == "cifar10_vit" and "bn-sensitivity" in names:
+        raise BenchmarkError("generators: the ViT has no BatchNorm for --select bn-sensitivity")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -200,15 +238,30 @@ class Bench:
         )
 
     def calibration(
-        self, pool: Path, args: argparse.Namespace, cutmix: float = 0.0, mixup: float = 0.0
+        self, images: torch.Tensor, args: argparse.Namespace, cutmix: float = 0.0, mixup: float = 0.0
     ) -> torch.Tensor:
-        """The pool's images (the CNN: plus `--augment`-1 copies, mixed by CutMix / Mixup if asked)."""
-        from quant.data import augment_calibration, load_calibration
+        """A pool's calibration images (the CNN: plus `--augment`-1 copies, mixed by CutMix / Mixup if asked)."""
+        from quant.data import augment_calibration
 
-        images = load_calibration(str(pool), self.transform, args.images)
         if self.name == "cifar10_vit":
             return images[:VIT_CALIB]
         return augment_calibration(images, args.augment, seed=0, cutmix=cutmix, mixup=mixup)
+
+    def choices(self, pool: Path, args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, dict]]:
+        """The pool's --images calibration images per selection ("none": its first --images), and
+        each row's selection fields (none without --oversample)."""
+        from quant.data import load_calibration
+        from quant.select import select_samples
+
+        images = load_calibration(str(pool), self.transform, pool_images(args))
+        if args.oversample == 1:
+            return {"none": (images, {})}
+        fields = {"oversample": args.oversample, "n_scored": len(images)}
+        out = {"none": (images[: args.images], {"select": "none", **fields})}
+        for name in selectors(args):
+            chosen = select_samples(self.model, images, args.images, name)
+            out[name] = (images[chosen.indices], {"select": name, **fields, "select_summary": chosen.summary})
+        return out
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -223,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         raise BenchmarkError(
             "generators: the ViT has no BatchNorm for bn-distill; use --generators enhancing-dfq"
         )
+    check_selection(args)
     curve = [int(n) for n in args.curve.split(",") if n]
     if args.tiny:
         args.images, args.bn_distill_iters, args.augment = 8, 2, 2
@@ -240,13 +294,16 @@ def run(args: argparse.Namespace) -> int:
     for generator, iterations in jobs:
         for seed in args.pool_seeds:
             r = recipe(generator, args, iterations)
-            tag = "-".join([generator, args.variant, f"it{r['settings']['iterations']}", f"s{seed}"])
+            parts = [generator, args.variant, f"it{r['settings']['iterations']}", f"s{seed}"]
+            tag = "-".join(parts + ([f"n{pool_images(args)}"] if args.oversample != 1 else []))
             pool, seconds = make_pool(
                 generator, bench.spec, bench.checkpoint, work / f"{bench.name}-{tag}", seed, args, iterations
             )
             print(f"{tag}: pool {pool} in {seconds:.1f} s", flush=True)
-            calib = bench.calibration(pool, args)
-            for bits in args.bits.split(","):
+            for (choice, (images, select_fields)), bits in itertools.product(
+                bench.choices(pool, args).items(), args.bits.split(",")
+            ):
+                calib = bench.calibration(images, args)
                 wbits, abits = BITS[bits]
                 settings = bench.settings(wbits, abits, args)
                 q_seconds, scores, _ = accuracy.quantize_and_evaluate(
@@ -258,11 +315,11 @@ def run(args: argparse.Namespace) -> int:
                     n_calib=args.images, iters=0 if bench.name == "cifar10_vit" else settings.iters,
                     seconds=round(q_seconds, 1), pool_seed=seed, seed=0, variant=args.variant,
                     gen_seconds=round(seconds, 1), gen_iterations=r["settings"]["iterations"],
-                    gen_recipe=_recipe_text(generator, r["settings"], args.images),
+                    gen_recipe=_recipe_text(generator, r["settings"], pool_images(args)), **select_fields,
                     **({"augment": args.augment} if bench.name != "cifar10_vit" else {"calib_images": VIT_CALIB}),
                 )  # fmt: skip
                 rows += new
-                print(tag, bits, " ".join(f"{x['dataset']} {x['top1']:.2f}" for x in new), flush=True)
+                print(tag, choice, bits, " ".join(f"{x['dataset']} {x['top1']:.2f}" for x in new), flush=True)
                 merged = report.write_accuracy(results, rows)
                 write_summary(results, merged)
     if args.tiny:
@@ -273,19 +330,23 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ tables
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean, range and count over pools per (model, generator, variant, training length, bits, dataset)."""
+    """Mean, range and count over pools per (model, generator, variant, training length, selection, bits,
+    dataset)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("calib") in GENERATORS and "gen_seconds" in r:
             key = (r["model"], r["calib"], r.get("variant", "default"), r.get("gen_iterations"),
-                   f"W{r['wbits']}A{r['abits']}", r["dataset"], r.get("method"), r.get("iters"))  # fmt: skip
+                   f"W{r['wbits']}A{r['abits']}", r["dataset"], r.get("method"), r.get("iters"),
+                   selection_label(r))  # fmt: skip
             groups[key].append(r)
     out = []
-    for (model, gen, variant, gen_iters, bits, dataset, method, iters), rs in sorted(groups.items(), key=str):
+    for (model, gen, variant, gen_iters, bits, dataset, method, iters, select), rs in sorted(
+        groups.items(), key=str
+    ):
         top1 = np.array([r["top1"] for r in rs])
         out.append({
             "model": model, "generator": gen, "variant": variant, "gen_iterations": gen_iters, "bits": bits,
-            "dataset": dataset, "method": method, "iters": iters, "pools": len(rs),
+            "dataset": dataset, "method": method, "iters": iters, "select": select, "pools": len(rs),
             "pool_seeds": sorted(r["pool_seed"] for r in rs), "top1_mean": round(float(top1.mean()), 2),
             "top1_min": float(top1.min()), "top1_max": float(top1.max()), "fp_top1": rs[0]["fp_top1"],
             "fp_kl_mean": round(float(np.mean([r.get("fp_kl", np.nan) for r in rs])), 5),
@@ -293,6 +354,13 @@ def summarise(rows: list[dict]) -> list[dict]:
             "device": rs[-1]["device"], "date": rs[-1]["date"],
         })  # fmt: skip
     return out
+
+
+def selection_label(row: dict) -> str:
+    """`-` (no oversampling), or the selector and R: `energy of 4x`, `none of 4x` (the first --images)."""
+    if not row.get("select"):
+        return "-"
+    return f"{row['select']} of {row['oversample']:g}x"
 
 
 def write_summary(results: Path, rows: list[dict]) -> None:
@@ -304,12 +372,14 @@ def write_summary(results: Path, rows: list[dict]) -> None:
         "Written by `dfq bench generators` (benchmarks/generator_compare.py); top-1 mean [min-max] over",
         "pools (one engine seed each), KL to fp32 averaged; generation seconds per pool on the named device.",
         "",
-        "| model | generator | variant | gen it | bits | dataset | top-1 | fp32 | KL | pools | gen s | device, date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | generator | variant | gen it | select | bits | dataset | top-1 | fp32 | KL | pools | gen s | "
+        "device, date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
-            f"| {s['model']} | {s['generator']} | {s['variant']} | {s['gen_iterations']} | {s['bits']} | "
+            f"| {s['model']} | {s['generator']} | {s['variant']} | {s['gen_iterations']} | {s['select']} | "
+            f"{s['bits']} | "
             f"{s['dataset']} | {s['top1_mean']:.2f} [{s['top1_min']:.2f}-{s['top1_max']:.2f}] | "
             f"{s['fp_top1']:.2f} | {s['fp_kl_mean']:.4f} | {s['pools']} | {s['gen_seconds_mean']:.0f} | "
             f"{s['device']}, {s['date']} |"

@@ -187,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
+    from quant.data import load_calibration
+
     bench = generator_compare.Bench(args, work)
     fp = accuracy.fp_scores(bench.model, bench.evals)
     acc_rows = [] if args.heldout else accuracy.fp_rows(bench.name, fp)
@@ -205,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{out.name}: pool in {gen_seconds:.1f} s", flush=True)
             pool = pools[pool_key]
             mixing = {"mixup": {"mixup": args.mixup_alpha}, "cutmix": {"cutmix": args.cutmix_area}}
-            calib = bench.calibration(pool, args, **mixing.get(v.mixing or "", {}))
+            images = load_calibration(str(pool), bench.transform, args.images)
+            calib = bench.calibration(images, args, **mixing.get(v.mixing or "", {}))
             for b in bits:
                 wbits, abits = BITS[b]
                 for seed in args.seeds:

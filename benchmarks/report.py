@@ -31,8 +31,9 @@ KEY = ("model", "dataset", "wbits", "abits", "calib", "method", "iters", "n_cali
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement: KEY, the CNN activation placement, the draw, the run
     seed (rows without one ran with seed 0), CLE, the ViT weight rounding, input grid, head rotation,
-    calibration batch size, for generated pools their engine seed, variant and training length, a
-    kd/nipq row's training options, and the augmented copies reconstruction read."""
+    calibration batch size, for generated pools their engine seed, variant and training length, the
+    sample selection and oversampling (`dfq bench generators --select`; rows without one selected
+    nothing), a kd/nipq row's training options, and the augmented copies reconstruction read."""
     return tuple(row.get(k) for k in KEY) + (
         placement(row),
         row.get("draw"),
@@ -45,6 +46,8 @@ def row_key(row: dict) -> tuple:
         row.get("pool_seed"),
         row.get("variant"),
         row.get("gen_iterations"),
+        row.get("select"),
+        row.get("oversample"),
         distill_options(row),
         row.get("augment") or 1,
     )

@@ -19,6 +19,7 @@ from launch.argtypes import (
     bits,
     nonnegative_float,
     nonnegative_int,
+    oversample_ratio,
     positive_float,
     positive_int,
 )
@@ -79,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --augment N > 1: paste into each copy a box from a randomly drawn copy, of up to "
         "about this fraction of the image's area (default 0: none)",
     )
+    _add_select_flags(p)
     p.add_argument(
         "--augment-mixup",
         type=nonnegative_float,
@@ -193,6 +195,90 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def _add_select_flags(p: argparse.ArgumentParser) -> None:
+    from quant.select import SELECTORS
+
+    p.add_argument(
+        "--select",
+        choices=list(SELECTORS),
+        help="keep the best --n-calib of --oversample R times as many images, scored by the float model: "
+        "energy (lowest free energy) or bn-sensitivity (the samples that keep the BN statistics closest "
+        "to the running ones; BN models) (GenQ's filters)",
+    )
+    p.add_argument(
+        "--oversample",
+        type=oversample_ratio,
+        default=1.0,
+        help="with --select: score R x --n-calib images of the source (default 1: no selection)",
+    )
+    p.add_argument(
+        "--select-balance",
+        action="store_true",
+        help="with --select: keep each class's share of the scored images (pool .cls / folder labels)",
+    )
+
+
+def _check_select(args: argparse.Namespace) -> None:
+    """Refuse, before any slow work, selection flags that cannot go together."""
+    from quant.errors import QuantError
+
+    if args.select is None:
+        if args.oversample != 1:
+            raise QuantError(
+                f"--oversample {args.oversample:g} scores extra images for --select: give --select"
+            )
+        if args.select_balance:
+            raise QuantError("--select-balance applies to --select")
+        return
+    if args.oversample == 1:
+        raise QuantError(f"--select {args.select} keeps all of 1 x --n-calib images: give --oversample R > 1")
+    if args.calib == "noise":
+        raise QuantError(f"--select {args.select} chooses among pool or real images, not noise")
+
+
+def _check_select_model(args: argparse.Namespace, model) -> None:
+    from quant.errors import QuantError
+    from quant.select import bn_layers
+
+    if args.select == "bn-sensitivity" and not bn_layers(model):
+        raise QuantError(f"--select bn-sensitivity needs BatchNorm layers; {args.model} has none")
+
+
+def _selected_calibration(args: argparse.Namespace, model, transform) -> tuple:
+    """The --n-calib images --select keeps of the first (pools) or drawn (others) R x --n-calib of the
+    source, and the result fields that describe the choice. A source with fewer is refused: the
+    budget the row reports is the one that was scored."""
+    import math
+
+    import torch
+
+    from quant.data import iter_labelled
+    from quant.errors import QuantError
+    from quant.select import select_samples
+
+    n_scored = max(args.n_calib + 1, math.ceil(args.oversample * args.n_calib - 1e-9))
+    items = list(iter_labelled(args.calib, transform, n_scored, seed=args.seed))
+    if len(items) < n_scored:
+        raise QuantError(
+            f"--oversample {args.oversample:g} scores {n_scored} images but {args.calib} has only {len(items)}"
+        )
+    images = torch.stack([x for x, _, _ in items])
+    labels = torch.tensor([label for _, label, _ in items])
+    t0 = time.perf_counter()
+    chosen = select_samples(
+        model, images, args.n_calib, args.select, labels=labels, balance=args.select_balance
+    )
+    fields = {
+        "select": args.select,
+        "oversample": args.oversample,
+        "select_balance": args.select_balance,
+        "n_scored": n_scored,
+        "select_seconds": round(time.perf_counter() - t0, 2),
+        "select_summary": chosen.summary,
+    }
+    return images[chosen.indices], fields
 
 
 def _check_source(source: str, what: str) -> None:
@@ -367,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
         raise QuantError(
             f"--augment-mixup {args.augment_mixup} mixes augmented copies: give --augment N > 1 too"
         )
+    _check_select(args)
     _check_source(args.calib, "calibration source")
     from_pool = args.calib != "noise" and source_kind(args.calib) == "pool"
     if from_pool:
@@ -381,6 +468,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, preprocess=preprocess_of(args)
     )
     check_forward(model, data_config)  # a wrong input size or class count: one line, before any data
+    _check_select_model(args, model)
     family = quant.model_family(model)
     real_images = not (from_pool or args.calib == "noise")
     input_grid = input_grid_for(args.input_grid or "auto", real_images=real_images)
@@ -399,7 +487,10 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
 
     start = time.perf_counter()
-    if args.calib == "noise":
+    select_fields: dict = {"select": None, "oversample": 1.0}
+    if args.select:  # scored and chosen in memory; a distill run trains on the chosen tensor
+        calib, select_fields = _selected_calibration(args, model, transform)
+    elif args.calib == "noise":
         calib = noise_calibration(args.n_calib, data_config["input_size"], seed=args.seed)
     elif distill:  # streamed while training
         calib = training_images(args.calib, transform, args.n_calib, seed=args.seed)
@@ -428,6 +519,7 @@ def run(args: argparse.Namespace) -> int:
         "augment": args.augment,
         "augment_cutmix": args.augment_cutmix,
         "augment_mixup": args.augment_mixup,
+        **select_fields,
         "wbits": args.wbits,
         "abits": args.abits,
         "first_last_bits": args.first_last_bits,

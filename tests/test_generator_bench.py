@@ -56,3 +56,51 @@ def test_overrides_and_bad_input() -> None:
         _main(["--tiny", "--generators", "gan"])
     with pytest.raises(BenchmarkError, match="no BatchNorm"):
         _main(["--model", "cifar10_vit", "--generators", "bn-distill"])
+
+
+def test_selection_runs_each_selector_and_the_first_images_of_one_pool(tmp_path) -> None:
+    import argparse
+
+    from quant.data import load_calibration
+    from quant.select import select_samples
+    from tests.tiny_pools import write_image_pool
+
+    p = argparse.ArgumentParser()
+    generator_compare.add_arguments(p)
+    args = p.parse_args(
+        ["--tiny", "--select", "energy,bn-sensitivity", "--oversample", "2.5", "--images", "6"]
+    )
+    assert generator_compare.pool_images(args) == 15
+    bench = generator_compare.Bench(args, tmp_path)
+    pool = write_image_pool(tmp_path / "pool", num_samples=20, size=32)
+    choices = bench.choices(pool, args)
+    images = load_calibration(str(pool), bench.transform, 15)
+    assert list(choices) == ["none", "energy", "bn-sensitivity"]
+    assert torch.equal(choices["none"][0], images[:6])
+    for name in ("energy", "bn-sensitivity"):
+        kept, fields = choices[name]
+        assert torch.equal(kept, images[select_samples(bench.model, images, 6, name).indices])
+        assert fields["select"] == name and fields["oversample"] == 2.5 and fields["n_scored"] == 15
+    assert not torch.equal(choices["energy"][0], choices["none"][0])
+    # rows of one pool and bits with and without selection are distinct measurements
+    base = dict(model="m", dataset="d", wbits=4, abits=4, calib="enhancing-dfq", method="genie-m", top1=1.0,
+                iters=2, n_calib=6, variant="default", gen_iterations=4, pool_seed=0)  # fmt: skip
+    rows = [report.make_row(**base)] + [report.make_row(**base, **fields) for _, fields in choices.values()]
+    assert len(report.merge_rows(tmp_path / "accuracy.json", rows)) == 4
+    labels = [generator_compare.selection_label(r) for r in rows]
+    assert labels == ["-", "none of 2.5x", "energy of 2.5x", "bn-sensitivity of 2.5x"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--select", "energy"], "go together"),
+        (["--oversample", "2"], "go together"),
+        (["--select", "best", "--oversample", "2"], "'best'"),
+        (["--model", "cifar10_vit", "--generators", "enhancing-dfq", "--select", "bn-sensitivity",
+          "--oversample", "2"], "no BatchNorm"),
+    ],
+)  # fmt: skip
+def test_selection_refusals(argv: list[str], needle: str) -> None:
+    with pytest.raises(BenchmarkError, match=needle):
+        _main(["--tiny", *argv])

@@ -224,6 +224,7 @@ def tools_markdown(rows: list[dict]) -> str:
         "one), calibrated on each source; agree = % of images with the fp32 model's top-1. Every row names its machine.",
         "",
     ]
+    out += summary_markdown(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["dataset"]), []).append(r)
@@ -255,6 +256,39 @@ def tools_markdown(rows: list[dict]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+def summary_markdown(rows: list[dict]) -> list[str]:
+    """Per (model, dataset, bits): each tool's top-1 per calibration source as the mean [min-max] over
+    its pools (n), and the mean's difference to the same tool calibrated on real images."""
+    ok = [r for r in rows if r["tool"] != "fp32" and not r.get("error") and r.get("top1") is not None]
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["model"], r["dataset"], r["wbits"], r["abits"]), []).append(r)
+    out = ["## Summary: mean [min-max] over pools (n), and Δ to the same tool on real images", ""]
+    for (model, dataset, wbits, abits), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2], -kv[0][3])
+    ):
+        calibs = sorted({r["calib"] for r in rs}, key=lambda c: (c != "real", c))
+        out += [f"### {model} on {dataset}, W{wbits}A{abits}", ""]
+        out += ["| tool | " + " | ".join(calibs) + " |", "|---|" + "---|" * len(calibs)]
+        for tool in sorted({r["tool"] for r in rs}):
+            by = {c: [r["top1"] for r in rs if r["tool"] == tool and r["calib"] == c] for c in calibs}
+            real = sum(by["real"]) / len(by["real"]) if by.get("real") else None
+            cells = []
+            for c in calibs:
+                v = by[c]
+                if not v:
+                    cells.append("")
+                    continue
+                mean = sum(v) / len(v)
+                text = f"{mean:.2f}" + (f" [{min(v):.2f}-{max(v):.2f}] ({len(v)})" if len(v) > 1 else "")
+                if real is not None and c != "real":
+                    text += f", {mean - real:+.2f}"
+                cells.append(text)
+            out.append(f"| {tool} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def plot_tools(rows: list[dict], path: Path) -> bool:

@@ -324,6 +324,9 @@ def plot_tools(rows: list[dict], path: Path) -> bool:
             if r["tool"] == "fp32":
                 ax.axhline(r["top1"], color="k", ls="--", lw=1, label="fp32")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(calibs))], calibs, fontsize=8)
+        values = [r["top1"] for r in rs if r["tool"] == "fp32" or r in ok]
+        if values:  # the differences are tenths of a point: do not start the axis at 0
+            ax.set_ylim(min(values) - 1.0, max(values) + 0.5)
         ax.set_title(f"{model} W8A8\n{dataset}", fontsize=9)
         ax.set_ylabel("top-1 (%)")
         ax.legend(fontsize=7)

@@ -129,7 +129,7 @@ def _similarity(sets: list[FeatureSet], size: int, seed: int) -> str | None:
 def _per_class(report: dict, roles: list[str]) -> str | None:
     plt = _pyplot()
     panels = [("diversity", "mean pairwise cosine within the class")]
-    frechet = report.get("frechet_of") or ({"pool": report["frechet"]} if report.get("frechet") else {})
+    frechet = report.get("frechet_of") or {}
     if any(f["per_class"] for f in frechet.values()):
         panels.append(("frechet", "Fréchet distance to the reference's class"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)

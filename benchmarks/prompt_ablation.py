@@ -116,6 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "CIFAR-10 calibration draw) and their rank correlation with W4A4 top-1")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--tiny", action="store_true", help="CI form: a random tiny model, a few iterations")
+    p.add_argument("--merge", default="", metavar="DIRS", help="comma list of other runs' --results folders "
+                   "(e.g. one pool seed a machine): merge their rows, diagnostics and trace summaries into "
+                   "--results and rewrite the tables; quantizes nothing")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -175,6 +178,11 @@ def calib_label(generator: str, variant: Variant) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        sources = [Path(d) for d in args.merge.split(",") if d]
+        merge_results(Path(args.results), sources)
+        print(Path(args.results) / f"{RESULT}.md")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:
@@ -494,20 +502,34 @@ def write_traces(results: Path, traces: dict[str, dict], data: dict, bits: str, 
     """grad_norm.json: per variant and pool the traced run's overall tail means and its top-1, per
     variant their means, and the Spearman correlation of the total norm with top-1 over the runs;
     grad_norm.png: one trace per variant (the first pool's), plot_trace_comparison."""
-    from quant.grad_trace import TOTAL, plot_trace_comparison
+    from quant.grad_trace import plot_trace_comparison
 
     top1: dict[tuple[str, int], list[float]] = defaultdict(list)
     first = _order([r["dataset"] for r in data["rows"]], [])[0]
     for r in data["rows"]:
         if f"W{r['wbits']}A{r['abits']}" == bits and r["dataset"] == first and r["seed"] == seed:
             top1[(r["variant"], r["pool_seed"])].append(r["top1"])
-    runs = []
+    runs: list[dict] = []
     for label, trace in traces.items():
         variant, _, seed = label.rpartition(" s")
         t = top1.get((variant, int(seed)))
         runs.append({"variant": variant, "pool_seed": int(seed), "bits": bits, "dataset": first,
                      "units": trace["summary"]["units"], "tail_mean": trace["summary"]["tail_mean"],
                      "top1": t[-1] if t else None})  # fmt: skip
+    out = trace_summary(runs, bits)
+    (results / f"{TRACE_RESULT}.json").write_text(json.dumps(out, indent=1) + "\n")
+    firsts: dict[str, dict] = {}
+    for label, trace in traces.items():
+        firsts.setdefault(label.rpartition(" s")[0], trace)
+    plot_trace_comparison(firsts, results / f"{TRACE_RESULT}.png")
+    return out
+
+
+def trace_summary(runs: list[dict], bits: str) -> dict:
+    """grad_norm.json's content from its traced runs: per variant the mean tail norm and top-1, and the
+    Spearman correlation of the total norm with top-1 over the runs."""
+    from quant.grad_trace import TOTAL
+
     by_variant = {}
     for v in _order([r["variant"] for r in runs], list(VARIANTS)):
         rs = [r for r in runs if r["variant"] == v]
@@ -520,12 +542,51 @@ def write_traces(results: Path, traces: dict[str, dict], data: dict, bits: str, 
         "format": "dfq-prompt-grad-norm/1", "series": TOTAL, "bits": bits, "runs": runs, "by_variant": by_variant,
         "spearman_norm_vs_top1": spearman([r["tail_mean"][TOTAL] for r in pts], [r["top1"] for r in pts]),
     }  # fmt: skip
-    (results / f"{TRACE_RESULT}.json").write_text(json.dumps(out, indent=1) + "\n")
-    firsts: dict[str, dict] = {}
-    for label, trace in traces.items():
-        firsts.setdefault(label.rpartition(" s")[0], trace)
-    plot_trace_comparison(firsts, results / f"{TRACE_RESULT}.png")
     return out
+
+
+def merge_results(results: Path, sources: list[Path]) -> dict:
+    """Fold other runs' results folders into `results`: their rows (a rerun's replace), accuracy rows,
+    pool diagnostics (one per pool) and traced runs (one per variant, pool seed and bits); the tables
+    and correlations are recomputed over everything. Traces themselves are not kept, so the trace plot
+    stays `results`' own, or the first source's where `results` has none."""
+    results.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        if not (src / f"{RESULT}.json").is_file():
+            raise BenchmarkError(f"prompts: --merge {src} holds no {RESULT}.json")
+    own = results / f"{RESULT}.json"
+    data = json.loads(own.read_text()) if own.exists() else {"rows": []}
+    diagnostics = {d["pool"]: d for d in (data.get("diagnostics") or [])}
+    runs = {}
+    trace_json = results / f"{TRACE_RESULT}.json"
+    bits = None
+    if trace_json.exists():
+        old = json.loads(trace_json.read_text())
+        bits = old["bits"]
+        runs = {(r["variant"], r["pool_seed"], r["bits"]): r for r in old["runs"]}
+    for src in sources:
+        other = json.loads((src / f"{RESULT}.json").read_text())
+        other = {"rows": other} if isinstance(other, list) else other
+        merge_rows(own, other["rows"])
+        diagnostics.update({d["pool"]: d for d in other.get("diagnostics") or []})
+        if (src / "accuracy.json").is_file():
+            report.write_accuracy(results, json.loads((src / "accuracy.json").read_text()))
+        if (src / f"{TRACE_RESULT}.json").is_file():
+            theirs = json.loads((src / f"{TRACE_RESULT}.json").read_text())
+            if bits not in (None, theirs["bits"]):
+                raise BenchmarkError(
+                    f"prompts: --merge {src} traced {theirs['bits']}, {results} traced {bits}"
+                )
+            bits = theirs["bits"]
+            runs.update({(r["variant"], r["pool_seed"], r["bits"]): r for r in theirs["runs"]})
+            if not (results / f"{TRACE_RESULT}.png").exists() and (src / f"{TRACE_RESULT}.png").exists():
+                shutil.copyfile(src / f"{TRACE_RESULT}.png", results / f"{TRACE_RESULT}.png")
+    merged = merge_rows(own, [], list(diagnostics.values()) if diagnostics else None)
+    write_outputs(results, merged)
+    if runs:
+        summary = trace_summary(list(runs.values()), bits)
+        trace_json.write_text(json.dumps(summary, indent=1) + "\n")
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,3 +157,38 @@ def test_bad_input_is_one_line() -> None:
         _main(["--augment", "1"])
     with pytest.raises(BenchmarkError, match="no BatchNorm"):
         _main(["--model", "cifar10_vit", "--generator", "bn-distill"])
+
+
+def test_merge_folds_runs_of_several_machines_into_one_table(tmp_path) -> None:
+    """One pool seed a machine, then `--merge`: every row, pool diagnostic and traced run lands once
+    in the target and the table and correlations are computed over all of them."""
+    base = dict(model="m", generator="bn-distill", dataset="d", wbits=4, abits=4, seed=0, device="cpu",
+                date="x", iters=10, n_calib=8, method="genie-m", calib="bn-distill")  # fmt: skip
+    top1 = {("random", 0): 60.0, ("single", 0): 50.0, ("random", 1): 62.0, ("single", 1): 51.0}
+    sources = []
+    for seed in (0, 1):
+        src = tmp_path / f"lane{seed}"
+        src.mkdir()
+        rows = [{**base, "variant": v, "pool_seed": seed, "pool": f"/p/{v}-s{seed}", "top1": top1[(v, seed)]}
+                for v in ("random", "single")]  # fmt: skip
+        diags = [{"pool": f"/p/{v}-s{seed}", "reference": "real", "frechet": 100 - top1[(v, seed)],
+                  "fidelity_top1": top1[(v, seed)] / 100} for v in ("random", "single")]  # fmt: skip
+        prompt_ablation.merge_rows(src / "prompt_ablation.json", rows, diags)
+        runs = [{"variant": v, "pool_seed": seed, "bits": "W4A4", "dataset": "d", "units": 3,
+                 "tail_mean": {"total": 1.0 / top1[(v, seed)]}, "top1": top1[(v, seed)]}
+                for v in ("random", "single")]  # fmt: skip
+        (src / "grad_norm.json").write_text(json.dumps(prompt_ablation.trace_summary(runs, "W4A4")))
+        sources.append(src)
+    out = tmp_path / "merged"
+    assert _main(["--results", str(out), "--merge", ",".join(map(str, sources))]) == 0
+    assert _main(["--results", str(out), "--merge", str(sources[0])]) == 0  # merging again adds nothing
+    data = json.loads((out / "prompt_ablation.json").read_text())
+    assert len(data["rows"]) == 4 and len(data["diagnostics"]) == 4
+    assert data["rank_correlation"]["pools"] == 4
+    assert data["rank_correlation"]["rho"]["frechet_vs_top1"] == pytest.approx(-1.0)
+    assert md_cells((out / "prompt_ablation.md").read_text())[("random", "W4A4")] == (61.0, 60.0, 62.0)
+    trace = json.loads((out / "grad_norm.json").read_text())
+    assert len(trace["runs"]) == 4 and trace["by_variant"]["single"]["runs"] == 2
+    assert trace["spearman_norm_vs_top1"] == pytest.approx(-1.0)
+    with pytest.raises(BenchmarkError, match="holds no prompt_ablation.json"):
+        _main(["--results", str(out), "--merge", str(tmp_path / "nowhere")])

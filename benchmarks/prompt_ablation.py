@@ -388,6 +388,9 @@ def plot(data: dict, path: Path) -> bool:
             means = [s["mean"] for _, s in pts]
             err = [[s["mean"] - s["min"] for _, s in pts], [s["max"] - s["mean"] for _, s in pts]]
             ax.bar(xs, means, width, yerr=err, capsize=2, label=v)
+        lo, hi = min(s["min"] for s in sub), max(s["max"] for s in sub)
+        pad = max(0.5, 0.15 * (hi - lo))
+        ax.set_ylim(lo - pad, hi + pad)  # differences of tenths of a point are invisible from 0
         ax.set_xticks(range(len(bits)), bits)
         ax.set_title(" / ".join(panel), fontsize=9)
         ax.set_ylabel("top-1 (%)")

@@ -519,7 +519,7 @@ def write_traces(results: Path, traces: dict[str, dict], data: dict, bits: str, 
         runs.append({"variant": variant, "pool_seed": int(seed), "bits": bits, "dataset": first,
                      "units": trace["summary"]["units"], "tail_mean": trace["summary"]["tail_mean"],
                      "top1": t[-1] if t else None})  # fmt: skip
-    out = trace_summary(runs, bits)
+    out = trace_summary(runs, bits, data["rows"])
     (results / f"{TRACE_RESULT}.json").write_text(json.dumps(out, indent=1) + "\n")
     firsts: dict[str, dict] = {}
     for label, trace in traces.items():
@@ -528,11 +528,17 @@ def write_traces(results: Path, traces: dict[str, dict], data: dict, bits: str, 
     return out
 
 
-def trace_summary(runs: list[dict], bits: str) -> dict:
+def trace_summary(runs: list[dict], bits: str, rows: list[dict]) -> dict:
     """grad_norm.json's content from its traced runs: per variant the mean tail norm and top-1, and the
-    Spearman correlation of the total norm with top-1 over the runs."""
+    Spearman correlation of the total norm with top-1 over the runs; each run names the device and
+    date of its row in `rows`."""
     from quant.grad_trace import TOTAL
 
+    measured = {(r["variant"], r["pool_seed"], f"W{r['wbits']}A{r['abits']}"): r for r in rows}
+    for run in runs:
+        row = measured.get((run["variant"], run["pool_seed"], run["bits"]), {})
+        run.setdefault("device", row.get("device"))
+        run.setdefault("date", row.get("date"))
     by_variant = {}
     for v in _order([r["variant"] for r in runs], list(VARIANTS)):
         rs = [r for r in runs if r["variant"] == v]
@@ -542,7 +548,9 @@ def trace_summary(runs: list[dict], bits: str) -> dict:
                          "top1": float(np.mean(accs)) if accs else None, "runs": len(rs)}  # fmt: skip
     pts = [r for r in runs if r["tail_mean"].get(TOTAL) is not None and r["top1"] is not None]
     out = {
-        "format": "dfq-prompt-grad-norm/1", "series": TOTAL, "bits": bits, "runs": runs, "by_variant": by_variant,
+        "format": "dfq-prompt-grad-norm/1", "series": TOTAL, "bits": bits,
+        "device": "; ".join(sorted({str(r["device"]) for r in runs})),
+        "date": "; ".join(sorted({str(r["date"]) for r in runs})), "runs": runs, "by_variant": by_variant,
         "spearman_norm_vs_top1": spearman([r["tail_mean"][TOTAL] for r in pts], [r["top1"] for r in pts]),
     }  # fmt: skip
     return out
@@ -587,7 +595,7 @@ def merge_results(results: Path, sources: list[Path]) -> dict:
     merged = merge_rows(own, [], list(diagnostics.values()) if diagnostics else None)
     write_outputs(results, merged)
     if runs:
-        summary = trace_summary(list(runs.values()), bits)
+        summary = trace_summary(list(runs.values()), bits, merged["rows"])
         trace_json.write_text(json.dumps(summary, indent=1) + "\n")
     return merged
 

@@ -97,7 +97,7 @@ def test_tiny_form_bn_distill_every_variant(ray_local, tmp_path) -> None:
     # gradient-norm traces: one run per variant and pool, a positive tail mean, the plot
     trace = json.loads((results / "grad_norm.json").read_text())
     assert {r["variant"] for r in trace["runs"]} == set(prompt_ablation.VARIANTS)
-    assert all(r["tail_mean"]["total"] > 0 and r["top1"] is not None for r in trace["runs"])
+    assert all(r["tail_mean"]["total"] > 0 and r["top1"] is not None and r["device"] for r in trace["runs"])
     assert (results / "grad_norm.png").stat().st_size > 0
     # diagnostics: every pool (the mixing variants share the single pool) and the rank correlations
     corr = data["rank_correlation"]
@@ -177,7 +177,7 @@ def test_merge_folds_runs_of_several_machines_into_one_table(tmp_path) -> None:
         runs = [{"variant": v, "pool_seed": seed, "bits": "W4A4", "dataset": "d", "units": 3,
                  "tail_mean": {"total": 1.0 / top1[(v, seed)]}, "top1": top1[(v, seed)]}
                 for v in ("random", "single")]  # fmt: skip
-        (src / "grad_norm.json").write_text(json.dumps(prompt_ablation.trace_summary(runs, "W4A4")))
+        (src / "grad_norm.json").write_text(json.dumps(prompt_ablation.trace_summary(runs, "W4A4", rows)))
         sources.append(src)
     out = tmp_path / "merged"
     assert _main(["--results", str(out), "--merge", ",".join(map(str, sources))]) == 0
@@ -190,5 +190,6 @@ def test_merge_folds_runs_of_several_machines_into_one_table(tmp_path) -> None:
     trace = json.loads((out / "grad_norm.json").read_text())
     assert len(trace["runs"]) == 4 and trace["by_variant"]["single"]["runs"] == 2
     assert trace["spearman_norm_vs_top1"] == pytest.approx(-1.0)
+    assert trace["device"] == "cpu" and all(r["device"] == "cpu" and r["date"] == "x" for r in trace["runs"])
     with pytest.raises(BenchmarkError, match="holds no prompt_ablation.json"):
         _main(["--results", str(out), "--merge", str(tmp_path / "nowhere")])

@@ -559,44 +559,45 @@ def trace_summary(runs: list[dict], bits: str, rows: list[dict]) -> dict:
 def merge_results(results: Path, sources: list[Path]) -> dict:
     """Fold other runs' results folders into `results`: their rows (a rerun's replace), accuracy rows,
     pool diagnostics (one per pool) and traced runs (one per variant, pool seed and bits); the tables
-    and correlations are recomputed over everything. Traces themselves are not kept, so the trace plot
-    stays `results`' own, or the first source's where `results` has none."""
-    results.mkdir(parents=True, exist_ok=True)
-    for src in sources:
-        if not (src / f"{RESULT}.json").is_file():
-            raise BenchmarkError(f"prompts: --merge {src} holds no {RESULT}.json")
-    own = results / f"{RESULT}.json"
-    data = json.loads(own.read_text()) if own.exists() else {"rows": []}
-    diagnostics = {d["pool"]: d for d in (data.get("diagnostics") or [])}
-    runs = {}
-    trace_json = results / f"{TRACE_RESULT}.json"
-    bits = None
-    if trace_json.exists():
-        old = json.loads(trace_json.read_text())
-        bits = old["bits"]
-        runs = {(r["variant"], r["pool_seed"], r["bits"]): r for r in old["runs"]}
-    for src in sources:
-        other = json.loads((src / f"{RESULT}.json").read_text())
-        other = {"rows": other} if isinstance(other, list) else other
-        merge_rows(own, other["rows"])
-        diagnostics.update({d["pool"]: d for d in other.get("diagnostics") or []})
-        if (src / "accuracy.json").is_file():
-            report.write_accuracy(results, json.loads((src / "accuracy.json").read_text()))
-        if (src / f"{TRACE_RESULT}.json").is_file():
-            theirs = json.loads((src / f"{TRACE_RESULT}.json").read_text())
+    and correlations are recomputed over everything. Every source is read and checked before anything
+    is written, and each file is written once. Traces themselves are not kept, so the trace plot stays
+    `results`' own, or the first source's where `results` has none."""
+    own, trace_json = results / f"{RESULT}.json", results / f"{TRACE_RESULT}.json"
+    diagnostics: dict[str, dict] = {}
+    runs: dict[tuple, dict] = {}
+    rows: list[dict] = []
+    accuracy_rows: list[dict] = []
+    bits, plots = None, []
+    for folder in [results, *sources]:
+        if not (folder / f"{RESULT}.json").is_file():
+            if folder == results:
+                continue
+            raise BenchmarkError(f"prompts: --merge {folder} holds no {RESULT}.json")
+        data = json.loads((folder / f"{RESULT}.json").read_text())
+        data = {"rows": data} if isinstance(data, list) else data
+        rows += data["rows"] if folder != results else []
+        diagnostics.update({d["pool"]: d for d in data.get("diagnostics") or []})
+        if folder != results and (folder / "accuracy.json").is_file():
+            accuracy_rows += json.loads((folder / "accuracy.json").read_text())
+        if (folder / f"{TRACE_RESULT}.json").is_file():
+            theirs = json.loads((folder / f"{TRACE_RESULT}.json").read_text())
             if bits not in (None, theirs["bits"]):
                 raise BenchmarkError(
-                    f"prompts: --merge {src} traced {theirs['bits']}, {results} traced {bits}"
+                    f"prompts: --merge {folder} traced {theirs['bits']}, others traced {bits}"
                 )
             bits = theirs["bits"]
             runs.update({(r["variant"], r["pool_seed"], r["bits"]): r for r in theirs["runs"]})
-            if not (results / f"{TRACE_RESULT}.png").exists() and (src / f"{TRACE_RESULT}.png").exists():
-                shutil.copyfile(src / f"{TRACE_RESULT}.png", results / f"{TRACE_RESULT}.png")
-    merged = merge_rows(own, [], list(diagnostics.values()) if diagnostics else None)
+            plots += [folder / f"{TRACE_RESULT}.png"] if (folder / f"{TRACE_RESULT}.png").exists() else []
+    results.mkdir(parents=True, exist_ok=True)
+    if accuracy_rows:  # the fp32 rows come with every source: one per key, the last
+        report.write_accuracy(results, list({report.row_key(r): r for r in accuracy_rows}.values()))
+    merged = merge_rows(own, rows, list(diagnostics.values()) if diagnostics else None)
     write_outputs(results, merged)
     if runs:
         summary = trace_summary(list(runs.values()), bits, merged["rows"])
         trace_json.write_text(json.dumps(summary, indent=1) + "\n")
+        if plots and plots[0] != results / f"{TRACE_RESULT}.png":
+            shutil.copyfile(plots[0], results / f"{TRACE_RESULT}.png")
     return merged
 
 

@@ -191,5 +191,11 @@ def test_merge_folds_runs_of_several_machines_into_one_table(tmp_path) -> None:
     assert len(trace["runs"]) == 4 and trace["by_variant"]["single"]["runs"] == 2
     assert trace["spearman_norm_vs_top1"] == pytest.approx(-1.0)
     assert trace["device"] == "cpu" and all(r["device"] == "cpu" and r["date"] == "x" for r in trace["runs"])
+    before = (out / "prompt_ablation.json").read_text()
     with pytest.raises(BenchmarkError, match="holds no prompt_ablation.json"):
-        _main(["--results", str(out), "--merge", str(tmp_path / "nowhere")])
+        _main(["--results", str(out), "--merge", f"{sources[0]},{tmp_path / 'nowhere'}"])
+    odd = json.loads((sources[1] / "grad_norm.json").read_text())
+    (sources[1] / "grad_norm.json").write_text(json.dumps({**odd, "bits": "W2A4"}))
+    with pytest.raises(BenchmarkError, match="traced W2A4"):
+        _main(["--results", str(out), "--merge", ",".join(map(str, sources))])
+    assert (out / "prompt_ablation.json").read_text() == before  # a refused merge writes nothing

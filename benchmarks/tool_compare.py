@@ -72,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mct-datagen-iters", type=positive_int, default=None, help="override MCT's 500 iterations"
     )
+    p.add_argument(
+        "--mct-datagen-seeds",
+        default="0",
+        help="comma list of seeds, one MCT-generated pool each (torch and numpy seeded; rows keep it as pool_seed)",
+    )
     p.add_argument("--assets", default=None, help="assets folder for real / lossless / jpeg (or $DFQ_ASSETS)")
     p.add_argument("--results", default="benchmarks/results", help="where tools.json/.md/.png go")
     p.add_argument("--seed", type=int, default=0)
@@ -443,23 +448,37 @@ def run_tools(
 
 
 def mct_datagen_sources(
-    entries: str, model: torch.nn.Module, data_config: dict, n_calib: int, iters: int | None
+    entries: str,
+    model: torch.nn.Module,
+    data_config: dict,
+    n_calib: int,
+    iters: int | None,
+    seeds: str = "0",
 ) -> list[tuple[str, torch.Tensor, dict]]:
-    """(label, images, row fields) per --mct-datagen entry: `default` (n_calib images) or an image budget N."""
+    """(label, images, row fields) per --mct-datagen entry and seed: `default` (n_calib images) or an
+    image budget N; MCT draws from torch's and numpy's global generators, seeded here per pool."""
     from quant.integrations import tool_module
 
-    out = []
-    for entry in [e for e in entries.split(",") if e]:
+    entries_list = [e for e in entries.split(",") if e]
+    for entry in entries_list:
         if entry != "default" and not entry.isdigit():
             raise BenchmarkError(f"--mct-datagen {entry!r}: use default or an image count")
+    try:
+        seed_list = [int(v) for v in seeds.split(",")]
+    except ValueError:
+        raise BenchmarkError(f"--mct-datagen-seeds {seeds!r}: use a comma list of integers") from None
+    out = []
+    for entry in entries_list:
         n = n_calib if entry == "default" else int(entry)
         label = "mct-datagen" if entry == "default" else f"mct-datagen-{n}"
         label += f"-{iters}it" if iters else ""
-        images, seconds = tool_module("mct").generate_images(model, data_config, n, n_iter=iters)
-        print(f"mct.data_generation: {n} images in {seconds:.1f}s", flush=True)
-        out.append(
-            (label, images, {"gen_seconds": round(seconds, 1), "gen_images": n, "gen_iters": iters or 500})
-        )
+        for seed in seed_list:
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            images, seconds = tool_module("mct").generate_images(model, data_config, n, n_iter=iters)
+            print(f"mct.data_generation seed {seed}: {n} images in {seconds:.1f}s", flush=True)
+            fields = {"gen_seconds": round(seconds, 1), "gen_images": n, "gen_iters": iters or 500}
+            out.append((label, images, {**fields, "pool_seed": seed}))
     return out
 
 
@@ -495,7 +514,9 @@ def run(args: argparse.Namespace) -> int:
     calibs = [
         (label, source, report.pool_fields(source)) for label, source in calibration_sources(args, transform)
     ]
-    calibs += mct_datagen_sources(args.mct_datagen, model, data_config, args.n_calib, args.mct_datagen_iters)
+    calibs += mct_datagen_sources(
+        args.mct_datagen, model, data_config, args.n_calib, args.mct_datagen_iters, args.mct_datagen_seeds
+    )
     if not calibs:
         raise BenchmarkError("give at least one --calib NAME=SOURCE or --mct-datagen")
     evals = eval_sets(args, transform)

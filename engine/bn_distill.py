@@ -115,8 +115,10 @@ class BNDistillGenerator:
         swing: jitter the input of strided convs per sample (Genie-D's swing convolution).
         bn_loss: "mse" (Genie-D: mean squared error of each layer's channel statistics) or "norm"
             (ZeroQ: unsquared norms); see `stats_distance`.
-        marginal: "none" (the optimised pixels) or "gauss" (each written image's channels given the
-            normalization's Gaussian marginal, `engine.pixel_marginal`).
+        marginal: "none" (the optimised pixels), "gauss" (each written image's channels given the
+            normalization's Gaussian marginal, `engine.pixel_marginal`, after distillation) or
+            "gauss-fit" (the same map, clamp and 8-bit rounding inside every step, straight-through,
+            so the BN statistics are matched on the pixels that are written).
         pairing: how a sample's k classes are combined: random, or similar / dissimilar by the
             classifier's own class similarity (engine.pairing; computed here if `similarity` is None).
         similarity: the (num_classes, num_classes) class-similarity matrix of those pairings.
@@ -240,7 +242,10 @@ class BNDistillGenerator:
                 bn.reset()
                 opt.zero_grad(set_to_none=True)
                 x = make_x()
-                logits = model(x)
+                seen = x
+                if self.marginal == "gauss-fit":  # the model sees what will be written
+                    seen = x + (self._written(x) - x).detach()
+                logits = model(seen)
                 bn_loss = bn.loss()
                 loss = bn_loss + _input_stats_term(x, self.bn_loss)
                 if targets is not None:
@@ -251,7 +256,7 @@ class BNDistillGenerator:
                 if self.method == "pixels":
                     self._clamp_pixels(params[0]["params"][0])
                 curve[it] = bn_loss.detach()
-        x = gaussian_marginal(x.detach()) if self.marginal == "gauss" else x.detach()
+        x = gaussian_marginal(x.detach()) if self.marginal != "none" else x.detach()
         images = self._to_uint8(x)
         self._record(indices, curve, images, time.perf_counter() - tick)
         return [Image.fromarray(a, "RGB") for a in images.permute(0, 2, 3, 1).cpu().numpy()]
@@ -337,6 +342,13 @@ class BNDistillGenerator:
         x.copy_(torch.maximum(torch.minimum(x, (1 - mean) / std), -mean / std))
 
     @torch.no_grad()
+    @torch.no_grad()
+    def _written(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalized batch the written 8-bit images decode to, after the Gaussian marginal."""
+        mean, std = self._norm()
+        pixels = (gaussian_marginal(x) * std + mean).clamp(0, 1).mul(255).round().div(255)
+        return (pixels - mean) / std
+
     def _to_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized batch -> (B, 3, H, W) uint8 RGB (grey inputs are repeated to 3 channels)."""
         mean, std = self._norm()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 METHODS = ("generator", "pixels")
 #: pixel marginals of the written images (engine.pixel_marginal)
-MARGINALS = ("none", "gauss")
+MARGINALS = ("none", "gauss", "gauss-fit")
 LOSS_FORMS = ("mse", "norm")
 #: Learning rate of the latents (the decoder's is a tenth of it) or of the pixels.
 DEFAULT_LR = {"generator": 0.1, "pixels": 0.1}
@@ -62,7 +62,9 @@ class BNDistillSettings(GeneratorSettings):
     marginal: str = setting(
         "none", Choice(MARGINALS),
         "pixel marginal of the written images: as optimised (none), or each image's channels mapped "
-        "to the normalization's Gaussian (gauss: full pixel range, for other tools' min/max calibrators)",
+        "to the normalization's Gaussian after distillation (gauss: full pixel range, for other tools' "
+        "min/max calibrators), or at every step, so BN statistics are matched on the written pixels "
+        "(gauss-fit: also for tools that correct biases from the calibration means)",
         flag="--distill-marginal", added=True,
     )  # fmt: skip
     batch_size: int | None = setting(

@@ -124,3 +124,15 @@ def test_mct_data_generation_gives_images_of_the_input_size() -> None:
     no_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
     with pytest.raises(QuantError, match="needs BatchNorm2d"):
         module.generate_images(no_bn, CFG, 2, n_iter=1)
+
+
+def test_mct_datagen_pools_are_seeded_one_per_seed() -> None:
+    """`dfq bench tools --mct-datagen N --mct-datagen-seeds ...`: each seed is one pool, the same
+    seed gives the same images, and rows keep it as pool_seed."""
+    _tool("mct")
+    from benchmarks.tool_compare import mct_datagen_sources
+
+    pools = mct_datagen_sources("4", tiny_cnn(), CFG, 4, 2, seeds="3,3,4")
+    assert [(label, extra["pool_seed"]) for label, _, extra in pools] == [("mct-datagen-4-2it", s) for s in (3, 3, 4)]
+    (_, a, _), (_, b, _), (_, c, _) = pools
+    assert torch.equal(a, b) and not torch.equal(a, c)

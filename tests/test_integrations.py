@@ -133,6 +133,8 @@ def test_mct_datagen_pools_are_seeded_one_per_seed() -> None:
     from benchmarks.tool_compare import mct_datagen_sources
 
     pools = mct_datagen_sources("4", tiny_cnn(), CFG, 4, 2, seeds="3,3,4")
-    assert [(label, extra["pool_seed"]) for label, _, extra in pools] == [("mct-datagen-4-2it", s) for s in (3, 3, 4)]
+    assert [(label, extra["pool_seed"]) for label, _, extra in pools] == [
+        ("mct-datagen-4-2it", s) for s in (3, 3, 4)
+    ]
     (_, a, _), (_, b, _), (_, c, _) = pools
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -342,18 +342,21 @@ class BNDistillGenerator:
         x.copy_(torch.maximum(torch.minimum(x, (1 - mean) / std), -mean / std))
 
     @torch.no_grad()
-    @torch.no_grad()
     def _written(self, x: torch.Tensor) -> torch.Tensor:
         """The normalized batch the written 8-bit images decode to, after the Gaussian marginal."""
         mean, std = self._norm()
-        pixels = (gaussian_marginal(x) * std + mean).clamp(0, 1).mul(255).round().div(255)
-        return (pixels - mean) / std
+        return (self._levels(gaussian_marginal(x)) / 255 - mean) / std
 
+    @torch.no_grad()
     def _to_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized batch -> (B, 3, H, W) uint8 RGB (grey inputs are repeated to 3 channels)."""
-        mean, std = self._norm()
-        img = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+        img = self._levels(x).to(torch.uint8)
         return img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
+
+    def _levels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized batch -> its 8-bit pixel levels 0..255 (as floats), in the input's channels."""
+        mean, std = self._norm()
+        return (x * std + mean).clamp(0, 1).mul(255).round()
 
     @torch.no_grad()
     def _record(self, indices: list[int], curve: torch.Tensor, images: torch.Tensor, seconds: float) -> None:

@@ -10,6 +10,10 @@ stream of `--batch-size` batches (`quant.stream`); genie-m reconstructs on them 
 flipped/shifted copies. With `--init genie-m`, kd and nipq train the genie-m row's model of the same
 bits and seed (`quant.quantize(start=)`), and their `seconds` include its reconstruction.
 
+`--model cifar10_vit`: the CIFAR-10 ViT, whose baseline is the transformer path (`repq-vit`: RepQ-ViT's
+calibration with GPTQ rounding on the first 64 images, as `dfq bench vit`'s pool rows) in genie-m's
+place; kd and nipq start from its model the same way.
+
 `--tiny` is the CI form: a random ResNet-20, random tensors, two steps each; rows into a temp dir (or
 `--results`); it checks the machinery, not accuracy.
 """
@@ -27,7 +31,12 @@ from benchmarks import accuracy, report
 from benchmarks.argtypes import nonnegative_float, positive_float, positive_int, seed_list
 from benchmarks.errors import BenchmarkError
 
-METHODS = ("kd", "nipq", "genie-m")
+METHODS = ("kd", "nipq", "genie-m", "repq-vit")
+VIT = "cifar10_vit"
+#: the block-path method of each model family: the rows kd / nipq are compared with and start from
+BASELINE = {"cnn": "genie-m", "transformer": "repq-vit"}
+#: images the ViT's RepQ-ViT start calibrates on (the pool rows of `dfq bench vit` and `generators`)
+VIT_CALIB = 64
 BITS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W8A8": (8, 8)}
 
 
@@ -38,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="assets folder, laid out as benchmarks/README.md describes (default $DFQ_ASSETS or ../shared/assets)",
     )
     p.add_argument("--results", default="benchmarks/results", help="where accuracy.json/.md/.png go")
-    p.add_argument("--model", default="cifar_resnet20", choices=list(accuracy.MODELS))
+    p.add_argument("--model", default="cifar_resnet20", choices=[*accuracy.MODELS, VIT])
     p.add_argument("--bits", default="W4A4,W3A3,W2A4", help=f"comma list of {', '.join(BITS)}")
     p.add_argument(
         "--calib",
@@ -55,9 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, help="kd/nipq weight rate (default: the method's)")
     p.add_argument(
         "--init",
-        default="genie-m",
-        choices=["rtn", "minmax", "genie-m"],
-        help="where kd/nipq start (default genie-m: the same reconstruction as the genie-m rows, then training)",
+        default=None,
+        choices=["rtn", "minmax", "genie-m", "repq-vit"],
+        help="where kd/nipq start (default the model's baseline, genie-m or repq-vit: the same model as "
+        "its rows, then training)",
     )
     p.add_argument(
         "--iters",
@@ -86,15 +96,22 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def settings_for(method: str, wbits: int, abits: int, seed: int, args: argparse.Namespace):
-    """The settings of one run: genie-m's reconstruction, or kd/nipq with the run's training options."""
+def settings_for(method: str, wbits: int, abits: int, seed: int, args: argparse.Namespace, input_range=None):
+    """The settings of one run: genie-m's reconstruction, RepQ-ViT's calibration (`input_range`: the
+    ViT's preprocessed input bounds), or kd/nipq with the run's training options."""
     import quant
 
     if method == "genie-m":
         return quant.CNNSettings(
             wbits=wbits, abits=abits, method="genie-m", iters=args.iters, seed=seed, device=args.device
         )
+    if method == "repq-vit":
+        return quant.TransformerSettings(
+            wbits=wbits, abits=abits, seed=seed, device=args.device, calib_size=VIT_CALIB, input_range=input_range
+        )  # fmt: skip
     values = {"lr": args.lr} if args.lr is not None else {}
+    if input_range is not None:
+        values.update(calib_size=VIT_CALIB, input_range=input_range)
     return quant.method_settings(
         method, wbits=wbits, abits=abits, steps=args.steps, batch_size=args.batch_size, init=args.init,
         init_iters=args.iters, symreg=args.symreg, satnl=args.satnl, seed=seed, device=args.device, **values,
@@ -105,6 +122,8 @@ def row_fields(settings, n_calib: int) -> dict:
     """accuracy.json fields of a run beyond the scores (benchmarks/README.md)."""
     if settings.method == "genie-m":
         return {"iters": settings.iters, "placement": settings.placement, "gptq_start": settings.gptq_start}
+    if not hasattr(settings, "steps"):  # the transformer path (repq-vit)
+        return {"iters": 0, "calib_images": settings.calib_size}
     steps = settings.resolved_steps(n_calib)
     return {
         "iters": steps,
@@ -122,40 +141,46 @@ def row_fields(settings, n_calib: int) -> dict:
 
 
 def run_grid(
-    model_name: str, model, evals: dict, sources: list, bits: list[str], methods: list[str], args
+    model_name: str,
+    model,
+    evals: dict,
+    sources: list,
+    bits: list[str],
+    methods: list[str],
+    args,
+    input_range=None,
 ) -> list[dict]:
-    """Quantize and evaluate every (source, bits, method, seed); rows written after each run."""
+    """Quantize and evaluate every (source, bits, method, seed); rows written after each run.
+    `input_range` (the ViT's): the transformer path, with repq-vit as the baseline."""
     fp = accuracy.fp_scores(model, evals)
     rows = accuracy.fp_rows(model_name, fp)
     report.write_accuracy(Path(args.results), rows)
     from quant.data import augment_calibration
 
-    reuse = args.init == "genie-m" and "genie-m" in methods
-    order = sorted(methods, key=lambda m: m != "genie-m")  # genie-m first: its model starts kd / nipq
+    baseline = BASELINE["transformer" if input_range is not None else "cnn"]
+    reuse = args.init == baseline and baseline in methods
+    order = sorted(methods, key=lambda m: m != baseline)  # the baseline first: its model starts kd / nipq
     for label, calib, pool in sources:
         n = int(calib.shape[0])
-        copies = augment_calibration(calib, args.augment, seed=0) if args.augment > 1 else calib
+        augment = args.augment if baseline == "genie-m" else 1
+        copies = augment_calibration(calib, augment, seed=0) if augment > 1 else calib
         for name in bits:
             wbits, abits = BITS[name]
             for seed in args.seeds:
                 start, start_seconds = None, 0.0
                 for method in order:
-                    settings = settings_for(method, wbits, abits, seed, args)
-                    genie = method == "genie-m"
+                    settings = settings_for(method, wbits, abits, seed, args, input_range)
+                    base = method == baseline
                     seconds, scores, qmodel = accuracy.quantize_and_evaluate(
-                        model, copies if genie else calib, settings, evals, progress=not args.tiny,
-                        start=None if genie else start,
+                        model, copies if base else calib, settings, evals, progress=not args.tiny,
+                        start=None if base else start,
                     )  # fmt: skip
-                    if genie and reuse:
+                    if base and reuse:
                         start, start_seconds = qmodel, seconds
-                    extra = (
-                        {"augment": args.augment}
-                        if genie
-                        else {"init_augment": args.augment}
-                        if start
-                        else {}
-                    )
-                    if start is not None and not genie:
+                    extra = {}
+                    if baseline == "genie-m":  # the copies genie-m reconstructed on
+                        extra = {"augment": augment} if base else {"init_augment": augment} if start else {}
+                    if start is not None and not base:
                         seconds += start_seconds  # the reconstruction it started from is part of its cost
                     new = accuracy.rows_for(
                         model_name, fp, scores, wbits=wbits, abits=abits, calib=label, method=method,
@@ -171,18 +196,48 @@ def run_grid(
     return rows
 
 
+def _check_family(args: argparse.Namespace, methods: list[str]) -> None:
+    """genie-m is the CNNs' baseline, repq-vit the ViT's: the other is refused, and `--init`
+    defaults to the model's own."""
+    family = "transformer" if args.model == VIT else "cnn"
+    other = BASELINE["cnn" if family == "transformer" else "transformer"]
+    if other in methods:
+        raise BenchmarkError(f"--methods: {other} does not quantize {args.model}; use {BASELINE[family]}")
+    if args.init is None:
+        args.init = BASELINE[family]
+    else:
+        from quant.distill import INITS
+
+        if args.init not in INITS[family]:
+            raise BenchmarkError(
+                f"--init {args.init} does not start {args.model}; use {', '.join(INITS[family])}"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     bits = _choices(args.bits, BITS, "bits")
     methods = _choices(args.methods, METHODS, "methods")
+    _check_family(args, methods)
     if args.tiny:
         return _run_tiny(args, bits[:1], methods)
     from benchmarks.splits import assets_dir
-    from quant.data import build_transform
+    from quant.data import build_transform, input_range
     from quant.models import load_model
 
     assets = assets_dir(args.assets or os.environ.get("DFQ_ASSETS") or "../shared/assets")
-    ckpt, family = accuracy.MODELS[args.model]
-    model, data_config = load_model(args.model, checkpoint=str(assets / ckpt))
+    vit_range = None
+    if args.model == VIT:
+        from benchmarks.vit_checkpoint import convert_for_timm
+        from benchmarks.vit_compare import CHECKPOINT
+
+        family, spec = "cifar10", "benchmarks.vit_checkpoint:cifar_vit"
+        checkpoint = Path(tempfile.mkdtemp(prefix="dfq-distill-vit-")) / "cifar10_vit_timm.pth"
+        convert_for_timm(assets / CHECKPOINT, checkpoint)
+        model, data_config = load_model(spec, checkpoint=str(checkpoint))
+        vit_range = input_range(data_config)
+    else:
+        ckpt, family = accuracy.MODELS[args.model]
+        model, data_config = load_model(args.model, checkpoint=str(assets / ckpt))
     transform = build_transform(data_config)
     evals = accuracy.eval_sets(family, assets, data_config, transform, args.evals.split(","))
     sources = [
@@ -190,21 +245,32 @@ def run(args: argparse.Namespace) -> int:
          report.pool_fields(kind.split("=", 1)[-1]))
         for kind in args.calib.split(",")
     ]  # fmt: skip
-    run_grid(args.model, model, evals, sources, bits, methods, args)
+    run_grid(args.model, model, evals, sources, bits, methods, args, input_range=vit_range)
     print(Path(args.results) / "accuracy.md")
     return 0
 
 
 def _run_tiny(args: argparse.Namespace, bits: list[str], methods: list[str]) -> int:
-    """CI form: random ResNet-20, 16 random images, 2 steps / iterations, one seed."""
-    model, _ = accuracy.tiny_resnet20()
+    """CI form: random ResNet-20 (or, with `--model cifar10_vit`, a random one-block ViT), 16 random
+    images, 2 steps / iterations, one seed."""
+    vit_range = None
+    if args.model == VIT:
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        model = VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2, num_classes=10
+        ).eval()
+        vit_range = (-3.0, 3.0)  # the random model's Gaussian inputs, +-3 standard deviations
+    else:
+        model, _ = accuracy.tiny_resnet20()
     images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
     args.steps, args.iters, args.batch_size, args.seeds = 2, 2, 8, args.seeds[:1]
     if args.results == "benchmarks/results":
         args.results = tempfile.mkdtemp(prefix="dfq-distill-")
     run_grid(
-        "cifar_resnet20-random", model, {"random-32": (images[:32], labels[:32])}, [("noise", images[32:], {})],
-        bits, methods, args,
+        f"{VIT if vit_range else 'cifar_resnet20'}-random", model, {"random-32": (images[:32], labels[:32])}, [("noise", images[32:], {})],
+        bits, methods, args, input_range=vit_range,
     )  # fmt: skip
     print(Path(args.results) / "accuracy.json")
     return 0

@@ -429,3 +429,18 @@ def test_a_given_start_trains_like_a_start_made_anew(toy: nn.Module) -> None:
         quant.quantize(toy, calib, s, start=other)
     with pytest.raises(QuantError, match="kd / nipq"):
         quant.quantize(toy, calib, s.cnn_settings(), start=start)
+
+
+def test_bench_distill_tiny_vit_starts_kd_from_repq_vit(tmp_path) -> None:
+    """The ViT's baseline is the transformer path: kd trains its model, and genie-m is refused."""
+    from launch.cli import main
+
+    argv = ["bench", "distill", "--tiny", "--model", "cifar10_vit", "--results", str(tmp_path)]
+    assert main([*argv, "--methods", "kd,repq-vit", "--seeds", "1"]) == 0
+    rows = json.loads((tmp_path / "accuracy.json").read_text())
+    kd, base = (next(r for r in rows if r["method"] == m) for m in ("kd", "repq-vit"))
+    assert kd["model"] == base["model"] == "cifar10_vit-random" and kd["init"] == "repq-vit"
+    assert "init_augment" not in kd and base["calib_images"] == 64 and base["iters"] == 0
+    assert kd["seconds"] >= base["seconds"] > 0
+    assert main([*argv, "--methods", "kd,genie-m"]) == 2
+    assert main([*argv, "--methods", "kd", "--init", "minmax"]) == 2

@@ -67,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edfq-iterations", type=positive_int, default=400)
     p.add_argument("--edfq-set", default="", help="enhancing-dfq settings overrides, key=value,...")
     p.add_argument("--variant", default="default", help="row label of these settings (ablations)")
+    p.add_argument(
+        "--k", type=positive_int, default=2,
+        help="classes mixed a sample (default 2; 1: no mixing); the variant label defaults to kK",
+    )  # fmt: skip
     p.add_argument("--curve", default="", help="comma list of enhancing-dfq training lengths (cost curve)")
     p.add_argument(
         "--select", default="", help="comma list of selectors (energy, bn-sensitivity) run on each pool"
@@ -277,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
             "generators: the ViT has no BatchNorm for bn-distill; use --generators enhancing-dfq"
         )
     check_selection(args)
+    if args.k != 2 and args.variant == "default":
+        args.variant = f"k{args.k}"
     curve = [int(n) for n in args.curve.split(",") if n]
     if args.tiny:
         args.images, args.bn_distill_iters, args.augment = 8, 2, 2
@@ -297,8 +303,9 @@ def run(args: argparse.Namespace) -> int:
             parts = [generator, args.variant, f"it{r['settings']['iterations']}", f"s{seed}"]
             tag = "-".join(parts + ([f"n{pool_images(args)}"] if args.oversample != 1 else []))
             pool, seconds = make_pool(
-                generator, bench.spec, bench.checkpoint, work / f"{bench.name}-{tag}", seed, args, iterations
-            )
+                generator, bench.spec, bench.checkpoint, work / f"{bench.name}-{tag}", seed, args, iterations,
+                k=args.k,
+            )  # fmt: skip
             print(f"{tag}: pool {pool} in {seconds:.1f} s", flush=True)
             for (choice, (images, select_fields)), bits in itertools.product(
                 bench.choices(pool, args).items(), args.bits.split(",")
@@ -314,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
                     method="repq-vit" if bench.name == "cifar10_vit" else "genie-m",
                     n_calib=args.images, iters=0 if bench.name == "cifar10_vit" else settings.iters,
                     seconds=round(q_seconds, 1), pool_seed=seed, seed=0, variant=args.variant,
+                    **({"k": args.k} if args.k != 2 else {}),
                     gen_seconds=round(seconds, 1), gen_iterations=r["settings"]["iterations"],
                     gen_recipe=_recipe_text(generator, r["settings"], pool_images(args)), **select_fields,
                     **({"augment": args.augment} if bench.name != "cifar10_vit" else {"calib_images": VIT_CALIB}),
@@ -322,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
                 print(tag, choice, bits, " ".join(f"{x['dataset']} {x['top1']:.2f}" for x in new), flush=True)
                 merged = report.write_accuracy(results, rows)
                 write_summary(results, merged)
-    if args.tiny:
+    if args.tiny and not args.pools:  # the temp pools of the CI form; a given --pools folder stays
         shutil.rmtree(work, ignore_errors=True)
     print(results / "generators.md")
     return 0

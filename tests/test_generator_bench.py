@@ -38,6 +38,19 @@ def test_tiny_form_rows_per_pool_and_generator(ray_local, tmp_path) -> None:
     assert "| enhancing-dfq | default |" in (tmp_path / "generators.md").read_text()
 
 
+@pytest.mark.slow
+def test_k_labels_the_rows_and_reaches_the_pool(ray_local, tmp_path) -> None:
+    """`--k 1`: enhancing-dfq pools without class mixing, rows told apart by the variant `k1`."""
+    pools = tmp_path / "pools"
+    argv = ["--tiny", "--results", str(tmp_path), "--generators", "enhancing-dfq", "--pool-seeds", "0",
+            "--bits", "W4A4", "--threads", "1", "--k", "1", "--pools", str(pools)]  # fmt: skip
+    assert _main(argv) == 0
+    rows = [r for r in json.loads((tmp_path / "accuracy.json").read_text()) if r["method"] != "fp32"]
+    assert rows and {(r["variant"], r["k"]) for r in rows} == {("k1", 1)}
+    (pool,) = pools.glob("*-enhancing-dfq-k1-*")
+    assert json.loads((pool / generator_compare.GEN_RECORD).read_text())["k"] == 1
+
+
 def test_rows_of_different_pools_do_not_replace_each_other(tmp_path) -> None:
     base = dict(model="m", dataset="d", wbits=4, abits=4, calib="enhancing-dfq", method="genie-m", top1=1.0,
                 iters=2, n_calib=8, variant="default", gen_iterations=4)  # fmt: skip

@@ -81,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="genie-m reconstructs on the images + N-1 flipped/shifted copies (default 1: none)",
     )
+    p.add_argument(
+        "--placement", default=None, choices=["block-output", "layer-input"],
+        help="CNN activation quantizer placement of genie-m and kd/nipq (default the quantizer's, block-output)",
+    )  # fmt: skip
     p.add_argument("--symreg", type=nonnegative_float, default=0.0, help="kd/nipq SymReg weight (default 0)")
     p.add_argument("--satnl", action="store_true", help="kd/nipq with saturating nonlinearities")
     p.add_argument("--evals", default="lossless,jpeg", help="cifar10 evaluation sets: lossless, jpeg")
@@ -102,9 +106,10 @@ def settings_for(method: str, wbits: int, abits: int, seed: int, args: argparse.
     import quant
 
     if method == "genie-m":
+        placement = {"placement": args.placement} if args.placement else {}
         return quant.CNNSettings(
-            wbits=wbits, abits=abits, method="genie-m", iters=args.iters, seed=seed, device=args.device
-        )
+            wbits=wbits, abits=abits, method="genie-m", iters=args.iters, seed=seed, device=args.device, **placement
+        )  # fmt: skip
     if method == "repq-vit":
         return quant.TransformerSettings(
             wbits=wbits, abits=abits, seed=seed, device=args.device, calib_size=VIT_CALIB, input_range=input_range
@@ -112,6 +117,8 @@ def settings_for(method: str, wbits: int, abits: int, seed: int, args: argparse.
     values = {"lr": args.lr} if args.lr is not None else {}
     if input_range is not None:
         values.update(calib_size=VIT_CALIB, input_range=input_range)
+    elif args.placement:
+        values["placement"] = args.placement
     return quant.method_settings(
         method, wbits=wbits, abits=abits, steps=args.steps, batch_size=args.batch_size, init=args.init,
         init_iters=args.iters, symreg=args.symreg, satnl=args.satnl, seed=seed, device=args.device, **values,

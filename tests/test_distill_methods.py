@@ -391,10 +391,22 @@ def test_bench_distill_tiny_writes_rows(tmp_path) -> None:
     assert (kd[0]["init"], kd[0]["symreg"], kd[0]["wbits"], kd[0]["abits"]) == ("rtn", 0.5, 4, 4)
     assert 0 <= kd[0]["top1"] <= 100 and kd[0]["fp_agree"] is not None
     # from genie-m: kd trains the genie-m row's model, and its seconds include that reconstruction
-    assert main([*argv, "--seeds", "4", "--augment", "2", "--results", str(tmp_path / "g")]) == 0
+    argv_g = [
+        *argv,
+        "--seeds",
+        "4",
+        "--augment",
+        "2",
+        "--placement",
+        "layer-input",
+        "--results",
+        str(tmp_path / "g"),
+    ]
+    assert main(argv_g) == 0
     rows = json.loads((tmp_path / "g" / "accuracy.json").read_text())
     kd, genie = (next(r for r in rows if r["method"] == m) for m in ("kd", "genie-m"))
     assert (kd["init"], kd["init_augment"], genie["augment"]) == ("genie-m", 2, 2)
+    assert kd["placement"] == genie["placement"] == "layer-input"
     assert kd["seconds"] >= genie["seconds"] > 0
 
 

@@ -233,14 +233,12 @@ def run(args: argparse.Namespace) -> int:
 
     assets = assets_dir(args.assets or os.environ.get("DFQ_ASSETS") or "../shared/assets")
     vit_range = None
-    if args.model == VIT:
-        from benchmarks.vit_checkpoint import convert_for_timm
+    if args.model == VIT:  # loaded as `dfq bench vit` loads it
+        from benchmarks.vit_checkpoint import load_cifar_vit
         from benchmarks.vit_compare import CHECKPOINT
+        from benchmarks.vit_compare import data_config as vit_data_config
 
-        family, spec = "cifar10", "benchmarks.vit_checkpoint:cifar_vit"
-        checkpoint = Path(tempfile.mkdtemp(prefix="dfq-distill-vit-")) / "cifar10_vit_timm.pth"
-        convert_for_timm(assets / CHECKPOINT, checkpoint)
-        model, data_config = load_model(spec, checkpoint=str(checkpoint))
+        family, model, data_config = "cifar10", load_cifar_vit(assets / CHECKPOINT), vit_data_config()
         vit_range = input_range(data_config)
     else:
         ckpt, family = accuracy.MODELS[args.model]
@@ -262,12 +260,10 @@ def _run_tiny(args: argparse.Namespace, bits: list[str], methods: list[str]) -> 
     images, 2 steps / iterations, one seed."""
     vit_range = None
     if args.model == VIT:
-        from timm.models.vision_transformer import VisionTransformer
+        from benchmarks.vit_checkpoint import build_cifar_vit
 
         torch.manual_seed(0)
-        model = VisionTransformer(
-            img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2, num_classes=10
-        ).eval()
+        model = build_cifar_vit(patch_size=8, embed_dim=32, depth=1, num_heads=2).eval()
         vit_range = (-3.0, 3.0)  # the random model's Gaussian inputs, +-3 standard deviations
     else:
         model, _ = accuracy.tiny_resnet20()

@@ -165,8 +165,10 @@ def run_grid(
     from quant.data import augment_calibration
 
     baseline = BASELINE["transformer" if input_range is not None else "cnn"]
-    reuse = args.init == baseline and baseline in methods
-    order = sorted(methods, key=lambda m: m != baseline)  # the baseline first: its model starts kd / nipq
+    # kd / nipq from the baseline start from its model, reconstructed once on the same (augmented)
+    # images whether or not its own rows were asked for
+    reuse = args.init == baseline and any(m != baseline for m in methods)
+    order = [baseline, *(m for m in methods if m != baseline)] if reuse else methods
     for label, calib, pool in sources:
         n = int(calib.shape[0])
         augment = args.augment if baseline == "genie-m" else 1
@@ -184,6 +186,8 @@ def run_grid(
                     )  # fmt: skip
                     if base and reuse:
                         start, start_seconds = qmodel, seconds
+                    if method not in methods:  # only the start of the others
+                        continue
                     extra = {}
                     if baseline == "genie-m":  # the copies genie-m reconstructed on
                         extra = {"augment": augment} if base else {"init_augment": augment} if start else {}

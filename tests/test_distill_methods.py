@@ -408,6 +408,14 @@ def test_bench_distill_tiny_writes_rows(tmp_path) -> None:
     assert (kd["init"], kd["init_augment"], genie["augment"]) == ("genie-m", 2, 2)
     assert kd["placement"] == genie["placement"] == "layer-input"
     assert kd["seconds"] >= genie["seconds"] > 0
+    # without genie-m's own rows, kd still starts from the reconstruction on the augmented copies
+    argv_k = "bench distill --tiny --methods kd --seeds 4 --augment 2 --placement layer-input".split()
+    assert main([*argv_k, "--results", str(tmp_path / "k")]) == 0
+    rows = json.loads((tmp_path / "k" / "accuracy.json").read_text())
+    assert {r["method"] for r in rows} == {"fp32", "kd"}
+    only = next(r for r in rows if r["method"] == "kd")
+    assert (only["init"], only["init_augment"]) == ("genie-m", 2)
+    assert only["top1"] == kd["top1"] and only["seconds"] > 0
 
 
 def test_distill_rows_are_told_apart_by_their_options() -> None:

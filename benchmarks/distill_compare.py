@@ -179,14 +179,14 @@ def run_grid(
                 start, start_seconds = None, 0.0
                 for method in order:
                     settings = settings_for(method, wbits, abits, seed, args, input_range)
-                    base = method == baseline
+                    base, wanted = method == baseline, method in methods  # unwanted: only the others' start
                     seconds, scores, qmodel = accuracy.quantize_and_evaluate(
-                        model, copies if base else calib, settings, evals, progress=not args.tiny,
-                        start=None if base else start,
+                        model, copies if base else calib, settings, evals if wanted else {},
+                        progress=not args.tiny, start=None if base else start,
                     )  # fmt: skip
                     if base and reuse:
                         start, start_seconds = qmodel, seconds
-                    if method not in methods:  # only the start of the others
+                    if not wanted:
                         continue
                     extra = {}
                     if baseline == "genie-m":  # the copies genie-m reconstructed on
